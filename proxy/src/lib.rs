@@ -1,0 +1,2 @@
+//! canary-proxy library (being written)
+#![forbid(unsafe_code)]
