@@ -1,0 +1,28 @@
+//! ping-backend: the service of the tutorial this product grew from ("on request
+//! ping it answers pong"), made fit for rolling updates. It runs as both the stable
+//! and the canary version behind canary-proxy; the proxy's tests and demo start it
+//! in-process through [`spawn`].
+//!
+//! # Layout
+//! - [`config`]: [`Config`], the settings of one running backend.
+//! - [`flags`]: the command line (clap, every flag also read from a `PING_*` env var)
+//!   and the parsers that turn a bad value into a message naming its accepted form.
+//! - `service`: routing of the endpoints (`/ping`, `/echo`, `/healthz`, `/readyz`,
+//!   404 for anything else).
+//! - `drain`: the readiness flag that `/readyz` reports and the last shutdown phase,
+//!   waiting for in-flight connections up to the shutdown timeout.
+//! - `server`: the accept loop and the shutdown sequence ([`serve`]), and the
+//!   in-process [`spawn`] / [`Handle`] used by tests and the demo.
+//!
+//! `main.rs` only parses flags, sets up tracing, binds, and calls [`serve`] with a
+//! future that resolves on SIGTERM or SIGINT.
+#![forbid(unsafe_code)]
+
+pub mod config;
+mod drain;
+pub mod flags;
+mod server;
+mod service;
+
+pub use config::Config;
+pub use server::{serve, spawn, Handle};
