@@ -1,2 +1,258 @@
-//! canary-proxy library (being written)
+//! canary-proxy: a reverse proxy for canary and blue-green releases.
+//!
+//! # Layout
+//!
+//! Request path (one way, left to right):
+//! `server` (accept, HTTP/1.1 + h2c) -> `forward` (pick a version with
+//! `split` from the current `snapshot`, rewrite, pooled upstream client,
+//! stream both ways) -> `forward::ObservedBody` (one record per request) ->
+//! `metrics` and the rollback `guard`.
+//!
+//! Control path: `watch` (the ConfigMap directory) -> `routes` (parse,
+//! validate) -> `control` (the one writer) -> one `ArcSwap<Snapshot>`.
+//! The guard's verdict goes through `control` too, so a request reads ONE
+//! snapshot and never a mix of two.
+//!
+//! Admin path: `admin` serves `/healthz`, `/readyz`, `/metrics`, `/status`
+//! on a port of its own.
+//!
+//! [`Proxy`] wires these together; `main.rs` only parses flags. `demo` runs
+//! the whole thing locally with two in-process ping backends.
 #![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod control;
+pub mod demo;
+pub mod forward;
+pub mod guard;
+pub mod metrics;
+pub mod routes;
+pub mod server;
+pub mod snapshot;
+pub mod split;
+pub mod watch;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::Health;
+use crate::control::Control;
+use crate::forward::{ForwardConfig, Forwarder};
+use crate::metrics::Metrics;
+use crate::routes::RoutesError;
+use crate::server::{Plain, ServerConfig};
+use crate::watch::WatchConfig;
+
+/// Everything `canary-proxy run` is configured with, minus the sockets.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub routes: PathBuf,
+    /// After SIGTERM, keep serving this long with `/readyz` at 503, because
+    /// Kubernetes removes the endpoint asynchronously.
+    pub drain_delay: Duration,
+    /// Then wait at most this long for in-flight requests and tunnels.
+    pub shutdown_timeout: Duration,
+    pub server: ServerConfig,
+    pub forward: ForwardConfig,
+    pub watch: WatchConfig,
+}
+
+impl RunConfig {
+    pub fn new(routes: impl Into<PathBuf>) -> Self {
+        RunConfig {
+            routes: routes.into(),
+            drain_delay: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(25),
+            server: ServerConfig::default(),
+            forward: ForwardConfig::default(),
+            watch: WatchConfig::default(),
+        }
+    }
+}
+
+/// Sockets, bound by the caller (tests bind `127.0.0.1:0`).
+#[derive(Debug)]
+pub struct Listeners {
+    /// `None` when the plain listener is turned off.
+    pub traffic: Option<TcpListener>,
+    pub admin: TcpListener,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}\nthere is no last good routes table to fall back on at start-up; fix the file (check it with `canary-proxy check PATH`)")]
+    Routes(#[from] RoutesError),
+    #[error("no listener: give --listen an address")]
+    NoListener,
+}
+
+/// A running proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    control: Arc<Control>,
+    forwarder: Arc<Forwarder>,
+    health: Arc<Health>,
+    config: RunConfig,
+    stop_accepting: CancellationToken,
+    stop_rest: CancellationToken,
+    servers: Vec<JoinHandle<GracefulShutdown>>,
+    traffic_addr: Option<SocketAddr>,
+    admin_addr: SocketAddr,
+}
+
+impl Proxy {
+    /// Load the routes (fatal if missing or invalid) and start serving.
+    pub async fn start(config: RunConfig, listeners: Listeners) -> Result<Proxy, StartError> {
+        if listeners.traffic.is_none() {
+            return Err(StartError::NoListener);
+        }
+        let bytes = std::fs::read(&config.routes).map_err(|source| RoutesError::Read {
+            path: config.routes.clone(),
+            source,
+        })?;
+        let table = routes::parse(&bytes).map_err(|problems| RoutesError::Invalid {
+            path: config.routes.clone(),
+            problems,
+        })?;
+        tracing::info!(routes = %config.routes.display(), hash = %table.hash, versions = %table.versions.iter().map(|v| format!("{}={}", v.name, v.weight)).collect::<Vec<_>>().join(" "), "routes loaded");
+
+        let metrics = Metrics::new();
+        let control = Control::new(table, metrics);
+        let forwarder = Forwarder::new(control.clone(), config.forward.clone());
+        let health = Arc::new(Health::default());
+        let stop_accepting = CancellationToken::new();
+        let stop_rest = CancellationToken::new();
+
+        let admin_addr = listeners
+            .admin
+            .local_addr()
+            .expect("a bound listener has an address");
+        tokio::spawn(admin::serve(
+            listeners.admin,
+            control.clone(),
+            health.clone(),
+            stop_rest.clone(),
+        ));
+        watch::spawn(
+            config.routes.clone(),
+            bytes,
+            control.clone(),
+            config.watch.clone(),
+            stop_rest.clone(),
+        );
+
+        let mut servers = Vec::new();
+        let mut traffic_addr = None;
+        if let Some(listener) = listeners.traffic {
+            traffic_addr = listener.local_addr().ok();
+            tracing::info!(addr = ?traffic_addr, "serving traffic");
+            servers.push(tokio::spawn(server::serve(
+                listener,
+                Arc::new(Plain),
+                forwarder.clone(),
+                config.server.clone(),
+                stop_accepting.clone(),
+            )));
+        }
+        tracing::info!(addr = %admin_addr, "serving admin endpoints: /healthz /readyz /metrics /status");
+        Ok(Proxy {
+            control,
+            forwarder,
+            health,
+            config,
+            stop_accepting,
+            stop_rest,
+            servers,
+            traffic_addr,
+            admin_addr,
+        })
+    }
+
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
+    }
+
+    pub fn traffic_addr(&self) -> Option<SocketAddr> {
+        self.traffic_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The graceful shutdown sequence: readyz 503 at once, keep serving for
+    /// the drain delay, stop accepting, then wait for in-flight requests and
+    /// tunnels up to the shutdown timeout. Returns true if everything
+    /// finished in time.
+    pub async fn shutdown(self) -> bool {
+        self.health.start_draining();
+        tracing::info!(drain_delay = %humantime::format_duration(self.config.drain_delay), "shutting down: readyz is now 503; still serving during the drain delay");
+        tokio::time::sleep(self.config.drain_delay).await;
+
+        tracing::info!(timeout = %humantime::format_duration(self.config.shutdown_timeout), "drain delay over: closing listeners, waiting for in-flight requests");
+        self.stop_accepting.cancel();
+        let mut graceful = Vec::new();
+        for s in self.servers {
+            if let Ok(g) = s.await {
+                graceful.push(g);
+            }
+        }
+        let tunnels = self.forwarder.tunnels().clone();
+        tunnels.close();
+        let finished = tokio::time::timeout(self.config.shutdown_timeout, async {
+            futures_util::future::join_all(graceful.into_iter().map(|g| g.shutdown())).await;
+            tunnels.wait().await;
+        })
+        .await
+        .is_ok();
+        if finished {
+            tracing::info!("all connections finished; exiting");
+        } else {
+            tracing::warn!(
+                tunnels = tunnels.len(),
+                "shutdown timeout reached with requests still in flight; exiting anyway"
+            );
+        }
+        self.stop_rest.cancel();
+        finished
+    }
+}
+
+/// Serve until `signal` resolves, then shut down gracefully.
+pub async fn run(
+    config: RunConfig,
+    listeners: Listeners,
+    signal: impl Future<Output = ()>,
+) -> Result<(), StartError> {
+    let proxy = Proxy::start(config, listeners).await?;
+    signal.await;
+    proxy.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM; only SIGINT will stop the proxy");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = term => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}

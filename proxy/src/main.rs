@@ -1,2 +1,255 @@
+//! The `canary-proxy` binary: flags in, library calls out.
 #![forbid(unsafe_code)]
-fn main() {}
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use canary_proxy::demo::DemoConfig;
+use canary_proxy::forward::ForwardConfig;
+use canary_proxy::server::ServerConfig;
+use canary_proxy::watch::WatchConfig;
+use canary_proxy::{routes, Listeners, RunConfig};
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "canary-proxy",
+    version,
+    about = "A reverse proxy for canary and blue-green releases: splits traffic between versions by weight, counts every answer per version, and rolls a failing canary back by itself."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve traffic (what the Kubernetes Deployment runs).
+    Run(RunArgs),
+    /// Validate a routes file without serving; run this before `kubectl apply`.
+    Check {
+        /// The routes file (TOML) to validate.
+        path: PathBuf,
+    },
+    /// Run the whole system locally: two ping backends (v1 stable, v2 canary) and the proxy, with a live view.
+    Demo(DemoArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Traffic listener, ADDR like 0.0.0.0:8080, or `none` to turn it off.
+    #[arg(long, env = "CANARY_PROXY_LISTEN", default_value = "0.0.0.0:8080", value_parser = parse_optional_addr)]
+    listen: OptionalAddr,
+    /// Admin listener for /healthz, /readyz, /metrics and /status (never the traffic port).
+    #[arg(
+        long,
+        env = "CANARY_PROXY_ADMIN_LISTEN",
+        default_value = "0.0.0.0:9090"
+    )]
+    admin_listen: SocketAddr,
+    /// The routes file; mount the ConfigMap as a directory (not subPath) so updates reach it.
+    #[arg(
+        long,
+        env = "CANARY_PROXY_ROUTES",
+        default_value = "/etc/canary-proxy/routes.toml"
+    )]
+    routes: PathBuf,
+    #[command(flatten)]
+    common: CommonArgs,
+    /// After SIGTERM, keep serving this long with /readyz at 503 (e.g. 5s).
+    #[arg(long, env = "CANARY_PROXY_DRAIN_DELAY", default_value = "5s", value_parser = humantime::parse_duration)]
+    drain_delay: Duration,
+    /// Then wait at most this long for in-flight requests (e.g. 25s).
+    #[arg(long, env = "CANARY_PROXY_SHUTDOWN_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
+    shutdown_timeout: Duration,
+    /// Worker threads; 0 means one per CPU core.
+    #[arg(long, env = "CANARY_PROXY_THREADS", default_value_t = 0)]
+    threads: usize,
+}
+
+/// Flags shared by `run` and `demo`.
+#[derive(Args, Clone)]
+struct CommonArgs {
+    /// Give up connecting to an upstream after this long (answer 502, or retry on the rollback target).
+    #[arg(long, env = "CANARY_PROXY_CONNECT_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+    /// Answer 504 when an upstream sends no response head within this long; `0s` waits forever.
+    #[arg(long, env = "CANARY_PROXY_UPSTREAM_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    upstream_timeout: Duration,
+    /// Drop a client connection whose request head takes longer than this (slowloris guard).
+    #[arg(long, env = "CANARY_PROXY_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    header_read_timeout: Duration,
+    /// Re-read the routes file this often even without file events.
+    #[arg(long, env = "CANARY_PROXY_RELOAD_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
+    reload_interval: Duration,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Routes file to start from (90/10); edit it while the demo runs. Defaults to config/demo/routes.toml, or an embedded copy.
+    #[arg(long)]
+    routes: Option<PathBuf>,
+    /// Where the proxy listens.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Where the admin endpoints listen.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    admin_listen: SocketAddr,
+    /// Fraction (0..=1) of the canary's /ping answered with 500, to watch the rollback.
+    #[arg(long, default_value_t = 0.0, value_parser = parse_fraction)]
+    canary_error_rate: f64,
+    /// Latency added to each canary /ping (e.g. 50ms).
+    #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+    canary_latency: Duration,
+    /// Requests per second the demo sends itself through the proxy (0 to only watch your own curls).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=1000))]
+    traffic: u32,
+    /// Stop after this long (default: run until Ctrl-C).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+#[derive(Clone, Copy)]
+struct OptionalAddr(Option<SocketAddr>);
+
+fn parse_optional_addr(s: &str) -> Result<OptionalAddr, String> {
+    if s.eq_ignore_ascii_case("none") {
+        return Ok(OptionalAddr(None));
+    }
+    s.parse()
+        .map(|a| OptionalAddr(Some(a)))
+        .map_err(|_| format!("expected an address like 0.0.0.0:8080, or `none`; got `{s}`"))
+}
+
+fn parse_fraction(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
+        _ => Err(format!(
+            "must be a fraction between 0.0 and 1.0 (e.g. 0.3); got `{s}`"
+        )),
+    }
+}
+
+impl CommonArgs {
+    fn apply(&self, config: &mut RunConfig) {
+        config.forward = ForwardConfig {
+            connect_timeout: self.connect_timeout,
+            upstream_timeout: (!self.upstream_timeout.is_zero()).then_some(self.upstream_timeout),
+            ..ForwardConfig::default()
+        };
+        config.server = ServerConfig {
+            header_read_timeout: self.header_read_timeout,
+        };
+        config.watch = WatchConfig {
+            interval: self.reload_interval,
+            ..WatchConfig::default()
+        };
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Command::Check { path } => return check(&path),
+        Command::Run(args) => run(args),
+        Command::Demo(args) => demo(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match routes::load(path) {
+        Ok(table) => {
+            print!("{}", table.describe());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime(threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut b = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if threads > 1 {
+        b.worker_threads(threads);
+    }
+    b.enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| {
+        format!("{flag} {addr}: cannot bind; give a free local address like 0.0.0.0:8080")
+    })
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    if args.listen.0 == Some(args.admin_listen) {
+        anyhow::bail!("--admin-listen {} is the traffic port too; the admin port must be separate so it is never exposed through the LoadBalancer", args.admin_listen);
+    }
+    let mut config = RunConfig::new(args.routes);
+    args.common.apply(&mut config);
+    config.drain_delay = args.drain_delay;
+    config.shutdown_timeout = args.shutdown_timeout;
+    runtime(args.threads)?.block_on(async move {
+        let traffic = match args.listen.0 {
+            Some(addr) => Some(bind(addr, "--listen").await?),
+            None => None,
+        };
+        let admin = bind(args.admin_listen, "--admin-listen").await?;
+        canary_proxy::run(
+            config,
+            Listeners { traffic, admin },
+            canary_proxy::shutdown_signal(),
+        )
+        .await?;
+        Ok(())
+    })
+}
+
+fn demo(args: DemoArgs) -> anyhow::Result<()> {
+    let mut run = RunConfig::new(PathBuf::new());
+    args.common.apply(&mut run);
+    // The demo is stopped by hand: no drain delay to sit through.
+    run.drain_delay = Duration::ZERO;
+    run.shutdown_timeout = Duration::from_secs(5);
+    let config = DemoConfig {
+        routes: args.routes,
+        listen: args.listen,
+        admin_listen: args.admin_listen,
+        canary_error_rate: args.canary_error_rate,
+        canary_latency: args.canary_latency,
+        traffic_per_second: args.traffic,
+        duration: args.duration,
+        run,
+    };
+    runtime(0)?.block_on(canary_proxy::demo::run(config))
+}

@@ -1,0 +1,251 @@
+//! `canary-proxy demo`: the whole system on one machine, no Kubernetes.
+//!
+//! It starts one in-process ping backend per version of the demo routes
+//! file (v1 for the first, v2 for the second, ...), the proxy in front of
+//! them, an optional trickle of traffic, and prints a line per second per
+//! version. Editing the routes file changes the split live, exactly as a
+//! ConfigMap edit does in a cluster.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use http_body_util::Empty;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::routes::{self, RouteTable};
+use crate::{Listeners, Proxy, RunConfig};
+
+/// The demo routes file, embedded so `demo` works from any directory.
+pub const EMBEDDED_ROUTES: &str = include_str!("../../config/demo/routes.toml");
+const DEFAULT_ROUTES: &str = "config/demo/routes.toml";
+/// The demo's own traffic stops after this, so it never runs unbounded.
+const TRAFFIC_LIMIT: Duration = Duration::from_secs(30 * 60);
+
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    pub routes: Option<PathBuf>,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    /// Applied to every version except the rollback target.
+    pub canary_error_rate: f64,
+    pub canary_latency: Duration,
+    pub traffic_per_second: u32,
+    pub duration: Option<Duration>,
+    /// Timeouts and reload settings; `routes` is filled in by the demo.
+    pub run: RunConfig,
+}
+
+pub async fn run(config: DemoConfig) -> anyhow::Result<()> {
+    let routes_path = resolve_routes(config.routes.as_deref())?;
+    let table = routes::load(&routes_path)?;
+    let backends = start_backends(&table, &config).await?;
+
+    let traffic = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| {
+            format!(
+                "--listen {}: cannot bind; is another demo running? pick a free port with --listen",
+                config.listen
+            )
+        })?;
+    let admin = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "--admin-listen {}: cannot bind; pick a free port with --admin-listen",
+                config.admin_listen
+            )
+        })?;
+    let mut run = config.run.clone();
+    run.routes = routes_path.clone();
+    let proxy = Proxy::start(
+        run,
+        Listeners {
+            traffic: Some(traffic),
+            admin,
+        },
+    )
+    .await?;
+
+    let listen = proxy.traffic_addr().unwrap_or(config.listen);
+    println!("canary-proxy demo");
+    for (spec, b) in table.versions.iter().zip(&backends) {
+        println!("  backend  {:<10} {} on {}", spec.name, b.0, b.1.addr());
+    }
+    println!(
+        "  proxy    http://{listen}   admin http://{}",
+        proxy.admin_addr()
+    );
+    println!();
+    println!("try:   curl -i http://{listen}/ping            (x-ping-version says who answered)");
+    println!(
+        "       curl http://{}/status                   (weights, windows, rollback)",
+        proxy.admin_addr()
+    );
+    println!("       curl http://{}/metrics", proxy.admin_addr());
+    println!(
+        "edit:  {}   (the split changes live on save)",
+        routes_path.display()
+    );
+    if config.canary_error_rate == 0.0 {
+        println!("fault: restart with --canary-error-rate 0.3 to watch the automatic rollback");
+    }
+    println!();
+
+    let generator = (config.traffic_per_second > 0)
+        .then(|| tokio::spawn(generate_traffic(listen, config.traffic_per_second)));
+    let stop = async {
+        match config.duration {
+            Some(d) => tokio::time::sleep(d).await,
+            None => crate::shutdown_signal().await,
+        }
+    };
+    tokio::select! {
+        _ = stop => {}
+        _ = live_view(&proxy) => {}
+    }
+    if let Some(g) = generator {
+        g.abort();
+    }
+    proxy.shutdown().await;
+    for (_, b) in backends {
+        let _ = b.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Use the given file, else `config/demo/routes.toml` under the current
+/// directory, else write the embedded copy to a temporary file to edit.
+fn resolve_routes(given: Option<&Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_owned());
+    }
+    let local = PathBuf::from(DEFAULT_ROUTES);
+    if local.exists() {
+        return Ok(local);
+    }
+    let dir = std::env::temp_dir().join(format!("canary-proxy-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let path = dir.join("routes.toml");
+    std::fs::write(&path, EMBEDDED_ROUTES)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(path)
+}
+
+async fn start_backends(
+    table: &RouteTable,
+    config: &DemoConfig,
+) -> anyhow::Result<Vec<(String, ping_backend::Handle)>> {
+    let target = table.rollback.as_ref().map(|r| r.target).unwrap_or(0);
+    let mut backends = Vec::new();
+    for (i, spec) in table.versions.iter().enumerate() {
+        let host = spec.upstream.authority.host();
+        if !matches!(host, "127.0.0.1" | "localhost" | "[::1]") {
+            bail!("versions.{}.upstream is {}: the demo starts its backends on this machine, so demo upstreams must be loopback addresses like http://127.0.0.1:18081", spec.name, spec.upstream);
+        }
+        let port = spec.upstream.authority.port_u16().unwrap_or(80);
+        let faulty = i != target;
+        let label = format!("v{}", i + 1);
+        let backend_config = ping_backend::Config {
+            version: label.clone(),
+            error_rate: if faulty {
+                config.canary_error_rate
+            } else {
+                0.0
+            },
+            latency: if faulty {
+                config.canary_latency
+            } else {
+                Duration::ZERO
+            },
+            drain_delay: Duration::ZERO,
+            shutdown_timeout: Duration::from_secs(2),
+        };
+        let handle = ping_backend::spawn(&format!("127.0.0.1:{port}"), backend_config)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot start the {} backend on 127.0.0.1:{port}; is the port in use?",
+                    spec.name
+                )
+            })?;
+        backends.push((label, handle));
+    }
+    Ok(backends)
+}
+
+/// A steady trickle of GET /ping so the live view has something to show.
+async fn generate_traffic(listen: SocketAddr, per_second: u32) {
+    let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let uri: http::Uri = format!("http://{listen}/ping")
+        .parse()
+        .expect("a socket address makes a valid URI");
+    let limit = Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / per_second);
+    let deadline = Instant::now() + TRAFFIC_LIMIT;
+    while Instant::now() < deadline {
+        tick.tick().await;
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            continue;
+        };
+        let (client, uri) = (client.clone(), uri.clone());
+        tokio::spawn(async move {
+            if let Ok(resp) = client.get(uri).await {
+                let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+            }
+            drop(permit);
+        });
+    }
+    println!(
+        "demo traffic stopped after {}; the proxy keeps serving your own requests",
+        humantime::format_duration(TRAFFIC_LIMIT)
+    );
+}
+
+/// Print one line per version every second.
+async fn live_view(proxy: &Proxy) {
+    let started = Instant::now();
+    let mut last: std::collections::HashMap<String, u64> = Default::default();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let snap = proxy.control().load();
+        let now = proxy.control().now();
+        let counts: Vec<(u64, u64)> = snap.versions.iter().map(|v| v.metrics.counts()).collect();
+        let deltas: Vec<u64> = snap
+            .versions
+            .iter()
+            .zip(&counts)
+            .map(|(v, (total, _))| total - last.get(&*v.name).copied().unwrap_or(0).min(*total))
+            .collect();
+        let sum: u64 = deltas.iter().sum();
+        for (i, v) in snap.versions.iter().enumerate() {
+            let (total, errors) = counts[i];
+            let share = if sum == 0 {
+                0.0
+            } else {
+                100.0 * deltas[i] as f64 / sum as f64
+            };
+            let (configured, _) = snap.shares(i);
+            let w = v.window.totals(now);
+            let state = match &v.rollback {
+                Some(r) => format!(
+                    "ROLLED BACK at {} (ratio {:.3} > {})",
+                    humantime::format_rfc3339_seconds(r.at),
+                    r.ratio,
+                    r.threshold
+                ),
+                None if v.guard.is_some() => format!("window {}/{} errors", w.errors, w.requests),
+                None => "rollback target".to_string(),
+            };
+            println!("[{:>4}s] {:<10} {:>4}/s  share {:>5.1}% (weight {:>5.1}%)  requests {:>7}  errors {:>5}  {}", started.elapsed().as_secs(), v.name, deltas[i], share, configured * 100.0, total, errors, state);
+            last.insert(v.name.to_string(), total);
+        }
+    }
+}

@@ -1,0 +1,621 @@
+//! The request path: pick a version from the current snapshot, rewrite the
+//! request for it, send it over a pooled keep-alive connection, and stream
+//! the answer back while [`ObservedBody`] records the outcome.
+//!
+//! Status codes for failures are decided in one place, [`Failure`]: a
+//! connect failure or a reset before the response head is `502`, an upstream
+//! timeout is `504`.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio_util::task::TaskTracker;
+
+use crate::control::Control;
+use crate::guard;
+use crate::metrics::UpstreamErrorKind;
+use crate::snapshot::{Snapshot, VersionRuntime};
+
+/// Body sent upstream: the client's, streamed, or nothing on a retry.
+pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+
+/// Knobs of the request path, from `run`'s flags.
+#[derive(Debug, Clone)]
+pub struct ForwardConfig {
+    pub connect_timeout: Duration,
+    /// Time allowed for the upstream's response head; `None` waits forever.
+    /// Bodies stream without a deadline, so long downloads are not cut.
+    pub upstream_timeout: Option<Duration>,
+    pub pool_idle_timeout: Duration,
+}
+
+impl Default for ForwardConfig {
+    fn default() -> Self {
+        ForwardConfig {
+            connect_timeout: Duration::from_secs(2),
+            upstream_timeout: Some(Duration::from_secs(60)),
+            pool_idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// Where a request came from, for `X-Forwarded-*`.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+pub struct Forwarder {
+    control: Arc<Control>,
+    // One client for every upstream: hyper pools per scheme+authority, so a
+    // reload keeps the warm connections of every upstream that did not change.
+    client: Client<HttpConnector, UpstreamBody>,
+    config: ForwardConfig,
+    /// Upgraded (WebSocket) tunnels, so shutdown can wait for them.
+    tunnels: TaskTracker,
+}
+
+impl std::fmt::Debug for Forwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarder")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+/// An exchange that produced no upstream response.
+#[derive(Debug)]
+enum Failure {
+    Connect(hyper_util::client::legacy::Error),
+    Reset(hyper_util::client::legacy::Error),
+    Timeout(Duration),
+}
+
+impl Failure {
+    fn kind(&self) -> UpstreamErrorKind {
+        match self {
+            Failure::Connect(_) => UpstreamErrorKind::Connect,
+            Failure::Reset(_) => UpstreamErrorKind::Reset,
+            Failure::Timeout(_) => UpstreamErrorKind::Timeout,
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Failure::Connect(_) | Failure::Reset(_) => StatusCode::BAD_GATEWAY,
+            Failure::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    fn describe(&self, version: &VersionRuntime) -> String {
+        let upstream = format!("{}://{}", version.scheme, version.authority);
+        match self {
+            Failure::Connect(e) => format!(
+                "cannot connect to version {} at {upstream}: {}",
+                version.name,
+                source_chain(e)
+            ),
+            Failure::Reset(e) => format!(
+                "version {} at {upstream} closed the connection: {}",
+                version.name,
+                source_chain(e)
+            ),
+            Failure::Timeout(d) => format!(
+                "version {} at {upstream} sent no response within {}",
+                version.name,
+                humantime::format_duration(*d)
+            ),
+        }
+    }
+}
+
+impl Forwarder {
+    pub fn new(control: Arc<Control>, config: ForwardConfig) -> Arc<Self> {
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        // Small request/response exchanges: never let Nagle hold a segment.
+        connector.set_nodelay(true);
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(config.pool_idle_timeout)
+            .build(connector);
+        Arc::new(Forwarder {
+            control,
+            client,
+            config,
+            tunnels: TaskTracker::new(),
+        })
+    }
+
+    pub fn control(&self) -> &Arc<Control> {
+        &self.control
+    }
+
+    pub fn tunnels(&self) -> &TaskTracker {
+        &self.tunnels
+    }
+
+    /// Serve one client request. Never fails: every failure becomes a
+    /// response the client can read.
+    pub async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        conn: ConnInfo,
+    ) -> Response<ObservedBody> {
+        let start = Instant::now();
+        let snap = self.control.load();
+        let Some(index) = snap.split.pick_random() else {
+            // validate() forbids all-zero weights, so this is unreachable in
+            // practice; answer rather than panic if it ever is.
+            return local_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no version has a weight above 0\n".into(),
+            );
+        };
+        let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let original_host = host_of(&parts.headers, &parts.uri);
+        prepare_headers(
+            &mut parts.headers,
+            conn,
+            original_host.as_ref(),
+            upgrade.is_some(),
+        );
+
+        // Keep what a retry on the target needs, only where one can happen:
+        // a non-target version and a request with no body to replay.
+        let retry = match snap.target() {
+            Some(target) if target.index != index && body.is_end_stream() && upgrade.is_none() => {
+                Some((
+                    parts.method.clone(),
+                    parts.uri.clone(),
+                    parts.headers.clone(),
+                    target.index,
+                ))
+            }
+            _ => None,
+        };
+
+        let first = &snap.versions[index];
+        first.metrics.in_flight.inc();
+        let upstream_req = build_request(
+            parts.method,
+            &parts.uri,
+            parts.headers,
+            first,
+            original_host.as_ref(),
+            Either::Left(body),
+        );
+        let mut outcome = self.send(upstream_req).await;
+        let mut answered_by = index;
+
+        if let (Err(Failure::Connect(_)), Some((method, uri, headers, target))) = (&outcome, retry)
+        {
+            // Nothing of the request reached the failed version, so the
+            // target can answer it instead of the client seeing a 502. The
+            // failure still counts against the failed version.
+            let failure = outcome.as_ref().err().unwrap();
+            tracing::warn!(version = %first.name, target = %snap.versions[target].name, error = %failure.describe(first), "connect failed; retrying on the rollback target");
+            self.record_failed_attempt(&snap, index, failure.kind());
+            first.metrics.retries.inc();
+            first.metrics.in_flight.dec();
+            let target_rt = &snap.versions[target];
+            target_rt.metrics.in_flight.inc();
+            let retry_req = build_request(
+                method,
+                &uri,
+                headers,
+                target_rt,
+                original_host.as_ref(),
+                Either::Right(Empty::new()),
+            );
+            outcome = self.send(retry_req).await;
+            answered_by = target;
+        }
+
+        let version = &snap.versions[answered_by];
+        match outcome {
+            Ok(mut resp) => {
+                let status = resp.status();
+                let error = snap
+                    .table
+                    .rollback
+                    .as_ref()
+                    .map(|p| p.error_codes.contains(status.as_u16()))
+                    .unwrap_or(status.is_server_error());
+                if status == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(client_side) = upgrade {
+                        self.spawn_tunnel(
+                            client_side,
+                            hyper::upgrade::on(&mut resp),
+                            version.name.clone(),
+                        );
+                    }
+                } else {
+                    strip_hop_by_hop(resp.headers_mut());
+                }
+                let obs = Observation {
+                    snap: snap.clone(),
+                    control: self.control.clone(),
+                    index: answered_by,
+                    status: status.as_u16(),
+                    start,
+                    error,
+                };
+                resp.map(|b| ObservedBody {
+                    inner: Either::Left(b),
+                    obs: Some(obs),
+                })
+            }
+            Err(failure) => {
+                let message = failure.describe(version);
+                tracing::warn!(version = %version.name, kind = failure.kind().as_str(), error = %message, "upstream request failed");
+                version.metrics.upstream_error(failure.kind());
+                let status = failure.status();
+                let obs = Observation {
+                    snap: snap.clone(),
+                    control: self.control.clone(),
+                    index: answered_by,
+                    status: status.as_u16(),
+                    start,
+                    error: true,
+                };
+                let mut resp = Response::new(ObservedBody {
+                    inner: Either::Right(Full::new(Bytes::from(format!("{status}: {message}\n")))),
+                    obs: Some(obs),
+                });
+                *resp.status_mut() = status;
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+                resp
+            }
+        }
+    }
+
+    async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, Failure> {
+        let fut = self.client.request(req);
+        let result = match self.config.upstream_timeout {
+            Some(limit) => match tokio::time::timeout(limit, fut).await {
+                Ok(r) => r,
+                Err(_) => return Err(Failure::Timeout(limit)),
+            },
+            None => fut.await,
+        };
+        result.map_err(|e| {
+            if e.is_connect() {
+                Failure::Connect(e)
+            } else {
+                Failure::Reset(e)
+            }
+        })
+    }
+
+    /// Count a failed attempt that another version answered: the error
+    /// counts against the version that failed, in its window and metrics,
+    /// but the request is counted once, under the version that answered.
+    fn record_failed_attempt(&self, snap: &Snapshot, index: usize, kind: UpstreamErrorKind) {
+        let v = &snap.versions[index];
+        v.metrics.upstream_error(kind);
+        observe_window(&self.control, v, true);
+    }
+
+    fn spawn_tunnel(
+        &self,
+        client: hyper::upgrade::OnUpgrade,
+        upstream: hyper::upgrade::OnUpgrade,
+        version: Arc<str>,
+    ) {
+        self.tunnels.spawn(async move {
+            let (client, upstream) = tokio::join!(client, upstream);
+            match (client, upstream) {
+                (Ok(c), Ok(u)) => {
+                    let (mut c, mut u) = (TokioIo::new(c), TokioIo::new(u));
+                    match tokio::io::copy_bidirectional(&mut c, &mut u).await {
+                        Ok((up, down)) => tracing::debug!(%version, up, down, "tunnel closed"),
+                        Err(e) => tracing::debug!(%version, error = %e, "tunnel ended with an error"),
+                    }
+                }
+                (c, u) => tracing::warn!(%version, client = ?c.err(), upstream = ?u.err(), "upgrade failed"),
+            }
+        });
+    }
+}
+
+/// Record one request in the version's window and, for a version that may
+/// be rolled back, ask the guard whether the evidence is now enough.
+fn observe_window(control: &Arc<Control>, v: &VersionRuntime, error: bool) {
+    let now = control.now();
+    v.window.record(now, error);
+    if let Some(policy) = &v.guard {
+        if !v.window.is_latched() {
+            let totals = v.window.totals(now);
+            if guard::should_trip(policy, totals) {
+                control.trip(&v.name, &v.window, totals);
+            }
+        }
+    }
+}
+
+/// Headers that describe one connection, not the message (RFC 9110
+/// section 7.6.1). A proxy must not forward them.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
+    if let Some(named) = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .map(|v| v.to_str().unwrap_or("").to_owned())
+        .reduce(|a, b| a + "," + &b)
+    {
+        for name in named.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
+                headers.remove(name);
+            }
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req.headers().get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .map(|s| {
+                    s.split(',')
+                        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+                })
+                .unwrap_or(false)
+        })
+}
+
+/// The host the client asked for: the Host header (HTTP/1.1) or the
+/// `:authority` (h2, which hyper puts in the URI).
+fn host_of(headers: &HeaderMap, uri: &Uri) -> Option<HeaderValue> {
+    headers.get(header::HOST).cloned().or_else(|| {
+        uri.authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    })
+}
+
+fn prepare_headers(
+    headers: &mut HeaderMap,
+    conn: ConnInfo,
+    host: Option<&HeaderValue>,
+    upgrade: bool,
+) {
+    let upgrade_value = if upgrade {
+        headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
+    strip_hop_by_hop(headers);
+    if let Some(value) = upgrade_value {
+        // An upgrade is the one hop-by-hop exchange a proxy passes on, so
+        // the upstream can agree to it (RFC 9110 7.8).
+        headers.insert(header::UPGRADE, value);
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    // Append, so a chain of proxies keeps its history (the client's claim
+    // stays first; the address we saw is last and the one to trust).
+    let peer = conn.peer.ip().to_string();
+    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {peer}"),
+        None => peer,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    headers.insert(
+        X_FORWARDED_PROTO,
+        HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
+    );
+    if let Some(host) = host {
+        headers.insert(X_FORWARDED_HOST, host.clone());
+    }
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+fn build_request(
+    method: http::Method,
+    uri: &Uri,
+    mut headers: HeaderMap,
+    version: &VersionRuntime,
+    host: Option<&HeaderValue>,
+    body: UpstreamBody,
+) -> Request<UpstreamBody> {
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let upstream_uri = Uri::builder()
+        .scheme(version.scheme.clone())
+        .authority(version.authority.clone())
+        .path_and_query(path)
+        .build()
+        .unwrap_or_else(|_| uri.clone());
+    // Host as the client sent it, unless the version asks for rewriting.
+    let host = if version.rewrite_host {
+        Some(&version.authority_header)
+    } else {
+        host
+    };
+    match host {
+        Some(h) => {
+            headers.insert(header::HOST, h.clone());
+        }
+        None => {
+            headers.insert(header::HOST, version.authority_header.clone());
+        }
+    }
+    let mut req = Request::new(body);
+    *req.method_mut() = method;
+    *req.uri_mut() = upstream_uri;
+    // Upstreams speak HTTP/1.1; an h2 client is downgraded here.
+    *req.version_mut() = Version::HTTP_11;
+    *req.headers_mut() = headers;
+    req
+}
+
+fn local_response(status: StatusCode, body: String) -> Response<ObservedBody> {
+    let mut resp = Response::new(ObservedBody {
+        inner: Either::Right(Full::new(Bytes::from(body))),
+        obs: None,
+    });
+    *resp.status_mut() = status;
+    resp
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
+
+/// What is recorded once the response is over.
+struct Observation {
+    snap: Arc<Snapshot>,
+    control: Arc<Control>,
+    index: usize,
+    status: u16,
+    start: Instant,
+    /// The answer counts as an error for rollback (status in the error set,
+    /// or the proxy's own 502/504).
+    error: bool,
+}
+
+impl Observation {
+    fn finish(self, reset: bool) {
+        let v = &self.snap.versions[self.index];
+        v.metrics.in_flight.dec();
+        v.metrics.answered(self.status, self.start.elapsed());
+        if reset {
+            v.metrics.upstream_error(UpstreamErrorKind::Reset);
+        }
+        observe_window(&self.control, v, self.error || reset);
+    }
+}
+
+/// The response body, streamed from the upstream (or made by the proxy),
+/// that records its request exactly once: at its end, on an upstream error
+/// mid-body, or when the client goes away (dropped unfinished, which is not
+/// the upstream's fault and counts as no error).
+pub struct ObservedBody {
+    inner: Either<Incoming, Full<Bytes>>,
+    obs: Option<Observation>,
+}
+
+impl Body for ObservedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => {
+                if let Some(obs) = this.obs.take() {
+                    obs.finish(false);
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                if let Some(obs) = this.obs.take() {
+                    let v = &obs.snap.versions[obs.index];
+                    tracing::warn!(version = %v.name, error = %e, "upstream response body failed mid-stream");
+                    obs.finish(true);
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ObservedBody {
+    fn drop(&mut self) {
+        if let Some(obs) = self.obs.take() {
+            obs.finish(false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_are_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn forwarded_for_is_appended() {
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        let conn = ConnInfo {
+            peer: "127.0.0.7:5000".parse().unwrap(),
+            tls: false,
+        };
+        prepare_headers(
+            &mut h,
+            conn,
+            Some(&HeaderValue::from_static("example.com")),
+            false,
+        );
+        assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, 127.0.0.7");
+        assert_eq!(h[X_FORWARDED_PROTO], "http");
+        assert_eq!(h[X_FORWARDED_HOST], "example.com");
+    }
+}

@@ -1,0 +1,317 @@
+//! Every Prometheus series the proxy exports, owned by one [`Metrics`] over
+//! an explicit registry (no global macros, so tests can run many proxies in
+//! one process).
+//!
+//! The hot path never looks a label up: each snapshot carries a
+//! [`VersionMetrics`] with the handles of its version ready, and status-code
+//! counters are created on first use and then cached in a lock-free slot.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Buckets from 0.5 ms to 10 s: a proxy hop on loopback is sub-millisecond,
+/// a slow upstream is seconds, and the default buckets (5 ms first) would
+/// hide the difference between a healthy and a degraded hop.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Why an upstream exchange failed; the `kind` label of
+/// `canary_proxy_upstream_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    Connect,
+    Timeout,
+    Reset,
+}
+
+impl UpstreamErrorKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamErrorKind::Connect => "connect",
+            UpstreamErrorKind::Timeout => "timeout",
+            UpstreamErrorKind::Reset => "reset",
+        }
+    }
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    upstream_errors: IntCounterVec,
+    in_flight: IntGaugeVec,
+    weight: GaugeVec,
+    effective_weight: GaugeVec,
+    error_ratio: GaugeVec,
+    pub error_ratio_threshold: Gauge,
+    config_reloads: IntCounterVec,
+    pub config_last_success: Gauge,
+    config_info: IntGaugeVec,
+    rollbacks: IntCounterVec,
+    rollback_active: IntGaugeVec,
+    rollback_resets: IntCounterVec,
+    retries: IntCounterVec,
+    tls_reloads: IntCounterVec,
+    pub tls_cert_expiry: Gauge,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
+    }
+}
+
+fn opts(name: &str, help: &str) -> Opts {
+    Opts::new(name, help)
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Self> {
+        let registry = Registry::new();
+        let v = &["version"];
+        let m = Metrics {
+            requests: IntCounterVec::new(opts("canary_proxy_requests_total", "Requests answered, by version and the status code returned to the client (including 502/504 made by the proxy)."), &["version", "code"]).unwrap(),
+            duration: HistogramVec::new(HistogramOpts::new("canary_proxy_request_duration_seconds", "Time from receiving a request to the end of its response body, by version.").buckets(DURATION_BUCKETS.to_vec()), v).unwrap(),
+            upstream_errors: IntCounterVec::new(opts("canary_proxy_upstream_errors_total", "Failed upstream exchanges, by version and kind (connect, timeout, reset)."), &["version", "kind"]).unwrap(),
+            in_flight: IntGaugeVec::new(opts("canary_proxy_in_flight_requests", "Requests being served, by version."), v).unwrap(),
+            weight: GaugeVec::new(opts("canary_proxy_weight", "Configured traffic share of each version, 0..1."), v).unwrap(),
+            effective_weight: GaugeVec::new(opts("canary_proxy_effective_weight", "Traffic share of each version after rollback decisions, 0..1."), v).unwrap(),
+            error_ratio: GaugeVec::new(opts("canary_proxy_error_ratio", "Error ratio of each version over the rollback window."), v).unwrap(),
+            error_ratio_threshold: Gauge::with_opts(opts("canary_proxy_error_ratio_threshold", "The configured rollback.error_rate (0 when rollback is off).")).unwrap(),
+            config_reloads: IntCounterVec::new(opts("canary_proxy_config_reloads_total", "Routes reload attempts after start-up, by result (success, failure)."), &["result"]).unwrap(),
+            config_last_success: Gauge::with_opts(opts("canary_proxy_config_last_reload_success_timestamp_seconds", "Unix time of the last successful routes load.")).unwrap(),
+            config_info: IntGaugeVec::new(opts("canary_proxy_config_info", "Always 1; the hash label is the content hash of the active routes file."), &["hash"]).unwrap(),
+            rollbacks: IntCounterVec::new(opts("canary_proxy_rollbacks_total", "Automatic rollbacks, by the version rolled back."), v).unwrap(),
+            rollback_active: IntGaugeVec::new(opts("canary_proxy_rollback_active", "1 while a rollback of the version is latched."), v).unwrap(),
+            rollback_resets: IntCounterVec::new(opts("canary_proxy_rollback_resets_total", "Latched rollbacks cleared because the operator changed the version's entry."), v).unwrap(),
+            retries: IntCounterVec::new(opts("canary_proxy_retries_total", "Requests retried on the rollback target after a connect failure, by the version that failed."), v).unwrap(),
+            tls_reloads: IntCounterVec::new(opts("canary_proxy_tls_reloads_total", "TLS certificate reload attempts, by result (success, failure)."), &["result"]).unwrap(),
+            tls_cert_expiry: Gauge::with_opts(opts("canary_proxy_tls_cert_expiry_timestamp_seconds", "Unix time at which the served TLS certificate expires.")).unwrap(),
+            registry,
+        };
+        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
+            Box::new(m.requests.clone()),
+            Box::new(m.duration.clone()),
+            Box::new(m.upstream_errors.clone()),
+            Box::new(m.in_flight.clone()),
+            Box::new(m.weight.clone()),
+            Box::new(m.effective_weight.clone()),
+            Box::new(m.error_ratio.clone()),
+            Box::new(m.error_ratio_threshold.clone()),
+            Box::new(m.config_reloads.clone()),
+            Box::new(m.config_last_success.clone()),
+            Box::new(m.config_info.clone()),
+            Box::new(m.rollbacks.clone()),
+            Box::new(m.rollback_active.clone()),
+            Box::new(m.rollback_resets.clone()),
+            Box::new(m.retries.clone()),
+            Box::new(m.tls_reloads.clone()),
+            Box::new(m.tls_cert_expiry.clone()),
+            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
+        ];
+        for c in collectors {
+            m.registry.register(c).expect("metric names are unique");
+        }
+        // Both results exist from the start, so rate() and absent() alerts
+        // work before the first reload.
+        m.config_reloads.with_label_values(&["success"]);
+        m.config_reloads.with_label_values(&["failure"]);
+        Arc::new(m)
+    }
+
+    /// Handles for one version, created when the version first appears.
+    pub fn version(&self, name: &str) -> VersionMetrics {
+        VersionMetrics {
+            name: name.to_owned(),
+            requests: self.requests.clone(),
+            codes: (0..CODE_SLOTS).map(|_| OnceLock::new()).collect(),
+            duration: self.duration.with_label_values(&[name]),
+            in_flight: self.in_flight.with_label_values(&[name]),
+            upstream_errors: [
+                UpstreamErrorKind::Connect,
+                UpstreamErrorKind::Timeout,
+                UpstreamErrorKind::Reset,
+            ]
+            .map(|k| self.upstream_errors.with_label_values(&[name, k.as_str()])),
+            retries: self.retries.with_label_values(&[name]),
+            rollbacks: self.rollbacks.with_label_values(&[name]),
+            rollback_resets: self.rollback_resets.with_label_values(&[name]),
+        }
+    }
+
+    /// Drop every series of a version that left the routes file, so a
+    /// removed version stops being exported instead of going stale.
+    pub fn forget_version(&self, vm: &VersionMetrics) {
+        let name = vm.name.as_str();
+        for code in vm
+            .codes
+            .iter()
+            .filter_map(|c| c.get().map(|(code, _)| *code))
+        {
+            let _ = self.requests.remove_label_values(&[name, code_label(code)]);
+        }
+        let _ = self.duration.remove_label_values(&[name]);
+        let _ = self.in_flight.remove_label_values(&[name]);
+        for k in ["connect", "timeout", "reset"] {
+            let _ = self.upstream_errors.remove_label_values(&[name, k]);
+        }
+        for vec in [&self.weight, &self.effective_weight, &self.error_ratio] {
+            let _ = vec.remove_label_values(&[name]);
+        }
+        for vec in [&self.rollbacks, &self.rollback_resets, &self.retries] {
+            let _ = vec.remove_label_values(&[name]);
+        }
+        let _ = self.rollback_active.remove_label_values(&[name]);
+    }
+
+    pub fn set_shares(&self, name: &str, configured: f64, effective: f64, rollback_active: bool) {
+        self.weight.with_label_values(&[name]).set(configured);
+        self.effective_weight
+            .with_label_values(&[name])
+            .set(effective);
+        self.rollback_active
+            .with_label_values(&[name])
+            .set(rollback_active as i64);
+    }
+
+    pub fn set_error_ratio(&self, name: &str, ratio: f64) {
+        self.error_ratio.with_label_values(&[name]).set(ratio);
+    }
+
+    pub fn set_config_hash(&self, old: Option<&str>, new: &str) {
+        if let Some(old) = old {
+            let _ = self.config_info.remove_label_values(&[old]);
+        }
+        self.config_info.with_label_values(&[new]).set(1);
+    }
+
+    pub fn config_reload(&self, success: bool) {
+        self.config_reloads
+            .with_label_values(&[if success { "success" } else { "failure" }])
+            .inc();
+    }
+
+    pub fn tls_reload(&self, success: bool) {
+        self.tls_reloads
+            .with_label_values(&[if success { "success" } else { "failure" }])
+            .inc();
+    }
+
+    /// The text exposition format, as `/metrics` serves it.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut out)
+            .expect("encoding to a Vec cannot fail");
+        out
+    }
+}
+
+/// Status codes 100..=599 get a cached counter each; anything else (hyper
+/// only produces valid codes, but be safe) shares the last slot.
+const CODE_SLOTS: usize = 501;
+
+fn code_label(code: u16) -> &'static str {
+    // Status codes as label values without a per-request allocation.
+    static LABELS: OnceLock<Vec<String>> = OnceLock::new();
+    let labels = LABELS.get_or_init(|| (0..600).map(|c| c.to_string()).collect());
+    labels
+        .get(code as usize)
+        .map(String::as_str)
+        .unwrap_or("other")
+}
+
+/// The handles one version records into; built once per version name and
+/// shared by every snapshot that contains it.
+pub struct VersionMetrics {
+    pub name: String,
+    requests: IntCounterVec,
+    codes: Box<[OnceLock<(u16, IntCounter)>]>,
+    duration: Histogram,
+    pub in_flight: IntGauge,
+    upstream_errors: [IntCounter; 3],
+    pub retries: IntCounter,
+    pub rollbacks: IntCounter,
+    pub rollback_resets: IntCounter,
+}
+
+impl std::fmt::Debug for VersionMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "VersionMetrics({})", self.name)
+    }
+}
+
+impl VersionMetrics {
+    /// One answered request: counted by code, and its duration observed.
+    pub fn answered(&self, code: u16, elapsed: Duration) {
+        let slot = (code as usize)
+            .checked_sub(100)
+            .filter(|&i| i < CODE_SLOTS - 1)
+            .unwrap_or(CODE_SLOTS - 1);
+        let (_, counter) = self.codes[slot].get_or_init(|| {
+            (
+                code,
+                self.requests
+                    .with_label_values(&[self.name.as_str(), code_label(code)]),
+            )
+        });
+        counter.inc();
+        self.duration.observe(elapsed.as_secs_f64());
+    }
+
+    /// (answered requests, of which 5xx) so far; for the demo's live view.
+    pub fn counts(&self) -> (u64, u64) {
+        self.codes
+            .iter()
+            .filter_map(|c| c.get())
+            .fold((0, 0), |(all, errors), (code, counter)| {
+                let n = counter.get();
+                (all + n, errors + if *code >= 500 { n } else { 0 })
+            })
+    }
+
+    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
+        let i = match kind {
+            UpstreamErrorKind::Connect => 0,
+            UpstreamErrorKind::Timeout => 1,
+            UpstreamErrorKind::Reset => 2,
+        };
+        self.upstream_errors[i].inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scrape(m: &Metrics) -> String {
+        String::from_utf8(m.encode()).unwrap()
+    }
+
+    #[test]
+    fn codes_are_counted_per_version_and_forgotten_on_removal() {
+        let m = Metrics::new();
+        let canary = m.version("canary");
+        canary.answered(200, Duration::from_millis(1));
+        canary.answered(200, Duration::from_millis(1));
+        canary.answered(503, Duration::from_millis(1));
+        let text = scrape(&m);
+        assert!(
+            text.contains("canary_proxy_requests_total{code=\"200\",version=\"canary\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("canary_proxy_requests_total{code=\"503\",version=\"canary\"} 1"),
+            "{text}"
+        );
+        m.forget_version(&canary);
+        let text = scrape(&m);
+        assert!(!text.contains("version=\"canary\""), "{text}");
+    }
+}
