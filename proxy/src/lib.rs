@@ -152,8 +152,9 @@ impl Proxy {
         let mut servers = Vec::new();
         let mut traffic_addr = None;
         if let Some(listener) = listeners.traffic {
-            traffic_addr = listener.local_addr().ok();
-            tracing::info!(addr = ?traffic_addr, "serving traffic");
+            let addr = listener.local_addr().expect("a bound listener has an address");
+            traffic_addr = Some(addr);
+            tracing::info!(%addr, "serving traffic");
             servers.push(tokio::spawn(server::serve(
                 listener,
                 Arc::new(Plain),

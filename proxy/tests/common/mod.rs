@@ -1,0 +1,326 @@
+//! Helpers shared by the proxy's integration tests: real ping backends and a
+//! real proxy on 127.0.0.1:0, a kubelet ConfigMap simulator, an HTTP client,
+//! metric scraping, polling with a deadline, and child-process guards.
+// Each test file compiles this module on its own and uses a part of it.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use canary_proxy::{Listeners, Proxy, RunConfig};
+use http::{HeaderMap, Request, StatusCode};
+use http_body_util::{BodyExt, Empty};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type TestClient = Client<HttpConnector, Empty<Bytes>>;
+
+/// A pooled HTTP/1.1 client, as a load balancer's keep-alive clients are.
+pub fn client() -> TestClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// An h2c client (HTTP/2 with prior knowledge).
+pub fn h2c_client() -> TestClient {
+    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
+}
+
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: String,
+}
+
+impl Answer {
+    /// Which ping backend answered (`x-ping-version`), or "" for the proxy.
+    pub fn version(&self) -> &str {
+        self.headers.get("x-ping-version").and_then(|v| v.to_str().ok()).unwrap_or("")
+    }
+}
+
+pub async fn get(client: &TestClient, addr: SocketAddr, path: &str) -> Result<Answer, BoxError> {
+    let req = Request::get(format!("http://{addr}{path}")).body(Empty::new())?;
+    let resp = client.request(req).await?;
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Answer { status: parts.status, headers: parts.headers, body: String::from_utf8_lossy(&body).into_owned() })
+}
+
+/// Poll `f` until it returns `Some`, or panic with `what` after `timeout`.
+/// Used instead of sleeps: it returns as soon as the condition holds.
+pub async fn eventually<T, F, Fut>(timeout: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A ping backend on 127.0.0.1:0 with no drain delay.
+pub async fn backend(version: &str, error_rate: f64, latency: Duration) -> ping_backend::Handle {
+    let config = ping_backend::Config { version: version.into(), error_rate, latency, drain_delay: Duration::ZERO, shutdown_timeout: Duration::from_secs(5) };
+    ping_backend::spawn("127.0.0.1:0", config).await.expect("backend starts")
+}
+
+/// Routes text for `(name, addr, weight)` versions, with an optional
+/// `[rollback]` body (the lines after the table header).
+pub fn routes(versions: &[(&str, SocketAddr, u64)], rollback: Option<&str>) -> String {
+    let mut out = String::new();
+    for (name, addr, weight) in versions {
+        out.push_str(&format!("[versions.{name}]\nupstream = \"http://{addr}\"\nweight = {weight}\n\n"));
+    }
+    if let Some(r) = rollback {
+        out.push_str("[rollback]\n");
+        out.push_str(r);
+        out.push('\n');
+    }
+    out
+}
+
+/// A directory laid out exactly as the kubelet lays out a ConfigMap volume,
+/// updated exactly as its atomic writer does:
+/// 1. write the files into a new hidden `..<timestamp>` directory;
+/// 2. create the symlink `..data_tmp -> ..<timestamp>`;
+/// 3. rename `..data_tmp` over `..data` (the atomic step);
+/// 4. remove the previous timestamped directory.
+///
+/// Each key is a symlink `key -> ..data/key`, created once.
+pub struct ConfigMapDir {
+    pub dir: PathBuf,
+    current: Option<String>,
+    _temp: Option<tempfile::TempDir>,
+}
+
+static TS: AtomicU64 = AtomicU64::new(0);
+
+impl ConfigMapDir {
+    pub fn new(files: &[(&str, &[u8])]) -> Self {
+        let temp = tempfile::tempdir().expect("temp dir");
+        let mut cm = ConfigMapDir { dir: temp.path().to_owned(), current: None, _temp: Some(temp) };
+        cm.update(files);
+        for (key, _) in files {
+            std::os::unix::fs::symlink(format!("..data/{key}"), cm.dir.join(key)).unwrap();
+        }
+        cm
+    }
+
+    pub fn path(&self, key: &str) -> PathBuf {
+        self.dir.join(key)
+    }
+
+    /// One atomic update (see the type's docs). Returns the instant of the
+    /// rename, the moment a watcher can first see the new content.
+    pub fn update(&mut self, files: &[(&str, &[u8])]) -> Instant {
+        let ts = format!("..2026_11_21_12_00_00.{}", TS.fetch_add(1, Ordering::Relaxed));
+        let new_dir = self.dir.join(&ts);
+        std::fs::create_dir(&new_dir).unwrap();
+        for (key, content) in files {
+            std::fs::write(new_dir.join(key), content).unwrap();
+        }
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink(&ts, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+        let swapped = Instant::now();
+        if let Some(old) = self.current.replace(ts) {
+            std::fs::remove_dir_all(self.dir.join(old)).unwrap();
+        }
+        swapped
+    }
+
+    /// Point `..data` at a directory that does not exist (the data
+    /// directory is gone), the way a half-finished or broken update looks.
+    pub fn break_data_link(&mut self) {
+        let tmp = self.dir.join("..data_tmp");
+        std::os::unix::fs::symlink("..gone", &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.join("..data")).unwrap();
+        if let Some(old) = self.current.take() {
+            std::fs::remove_dir_all(self.dir.join(old)).unwrap();
+        }
+    }
+}
+
+/// A proxy running in this process on 127.0.0.1:0, its routes in a
+/// kubelet-style ConfigMap directory.
+pub struct TestProxy {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub config_map: ConfigMapDir,
+    proxy: Option<Proxy>,
+}
+
+impl TestProxy {
+    pub async fn start(routes: &str) -> Self {
+        Self::start_with(routes, |_| {}).await
+    }
+
+    pub async fn start_with(routes: &str, tune: impl FnOnce(&mut RunConfig)) -> Self {
+        let config_map = ConfigMapDir::new(&[("routes.toml", routes.as_bytes())]);
+        let mut config = RunConfig::new(config_map.path("routes.toml"));
+        config.drain_delay = Duration::ZERO;
+        config.shutdown_timeout = Duration::from_secs(5);
+        tune(&mut config);
+        let traffic = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy = Proxy::start(config, Listeners { traffic: Some(traffic), admin }).await.expect("proxy starts");
+        TestProxy { addr: proxy.traffic_addr().unwrap(), admin: proxy.admin_addr(), config_map, proxy: Some(proxy) }
+    }
+
+    pub fn proxy(&self) -> &Proxy {
+        self.proxy.as_ref().unwrap()
+    }
+
+    pub fn set_routes(&mut self, routes: &str) -> Instant {
+        self.config_map.update(&[("routes.toml", routes.as_bytes())])
+    }
+
+    pub async fn status(&self) -> serde_json::Value {
+        status(self.admin).await
+    }
+
+    pub async fn metrics(&self) -> String {
+        metrics(self.admin).await
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(p) = self.proxy.take() {
+            p.shutdown().await;
+        }
+    }
+}
+
+pub async fn status(admin: SocketAddr) -> serde_json::Value {
+    let a = get(&client(), admin, "/status").await.expect("status answers");
+    assert_eq!(a.status, StatusCode::OK);
+    serde_json::from_str(&a.body).expect("status is JSON")
+}
+
+pub async fn metrics(admin: SocketAddr) -> String {
+    let a = get(&client(), admin, "/metrics").await.expect("metrics answer");
+    assert_eq!(a.status, StatusCode::OK);
+    a.body
+}
+
+/// The value of one sample in a text exposition, by metric name and the
+/// exact set of labels, e.g. `sample(&text, "canary_proxy_requests_total", &[("version","canary"),("code","500")])`.
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (metric, label_text) = match series.split_once('{') {
+            Some((m, rest)) => (m, rest.strip_suffix('}')?),
+            None => (series, ""),
+        };
+        if metric != name {
+            return None;
+        }
+        let mut found: Vec<(String, String)> = label_text
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string())))
+            .collect();
+        let mut want: Vec<(String, String)> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        found.sort();
+        want.sort();
+        (found == want).then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// Kills the child when dropped, so a failing test leaves no process behind.
+pub struct ChildGuard(pub Option<Child>);
+
+impl ChildGuard {
+    pub fn id(&self) -> u32 {
+        self.0.as_ref().unwrap().id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.id().to_string()).status().expect("kill runs").success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// Wait for exit, up to `timeout`; panics if the process is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.as_mut().unwrap().try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "process did not exit within {timeout:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Resident set size in bytes, from /proc.
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.id())).unwrap_or_default();
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).map(|kb| kb * 1024).unwrap_or(0)
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// The real `canary-proxy run` binary on 127.0.0.1:0 ports, with the
+/// addresses it bound read from its log. Logs after start-up go to `log`.
+pub struct ProxyProcess {
+    pub child: ChildGuard,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+pub fn spawn_proxy_binary(routes: &Path, extra: &[&str]) -> ProxyProcess {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_canary-proxy"))
+        .args(["run", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--routes"])
+        .arg(routes)
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("canary-proxy starts");
+    let stderr = child.stderr.take().unwrap();
+    let guard = ChildGuard(Some(child));
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line.clone());
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let (mut addr, mut admin) = (None, None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while addr.is_none() || admin.is_none() {
+        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap_or_else(|_| panic!("proxy did not report its addresses; log: {:?}", log.lock().unwrap()));
+        let found = line.split_whitespace().find_map(|w| w.strip_prefix("addr=")).and_then(|a| a.parse::<SocketAddr>().ok());
+        if line.contains("serving traffic") {
+            addr = found;
+        } else if line.contains("serving admin") {
+            admin = found;
+        }
+    }
+    ProxyProcess { child: guard, addr: addr.unwrap(), admin: admin.unwrap(), log }
+}
