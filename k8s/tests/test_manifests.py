@@ -1,0 +1,710 @@
+"""Invariants of the rendered Kubernetes manifests that no schema catches.
+
+Each test reads the output of `kubectl kustomize` for every kustomization we
+ship (the product, k8s/, and every overlay), so what is checked is what
+`kubectl apply -k` would send. Run by scripts/check-k8s, which builds the
+binaries first; on its own:
+
+    cargo build -p canary-proxy -p ping-backend
+    target/ci-venv/bin/pytest k8s/tests
+
+The binaries are found through $CANARY_PROXY_BIN / $PING_BACKEND_BIN, else in
+target/debug, else target/release. The facts about them that the manifests
+must agree with (flag env vars, defaults, endpoints) are pinned below and
+checked against each binary's own --help where it states them.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import ipaddress
+import os
+import re
+import subprocess
+import tomllib
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+K8S = REPO / "k8s"
+EXAMPLES = K8S / "examples"
+NAMESPACE = "canary-proxy"
+
+# What the binaries are, as pinned for this repo (docs/kubernetes.md).
+PING = {
+    "binary": "ping-backend",
+    "listen_env": "PING_LISTEN",
+    "listen_default": "0.0.0.0:8080",
+    "drain_env": "PING_DRAIN_DELAY",
+    "drain_default": "5s",
+    "shutdown_env": "PING_SHUTDOWN_TIMEOUT",
+    "shutdown_default": "25s",
+}
+PROXY = {
+    "binary": "canary-proxy",
+    "listen_env": "CANARY_PROXY_LISTEN",
+    "listen_default": "0.0.0.0:8080",
+    "admin_env": "CANARY_PROXY_ADMIN_LISTEN",
+    "admin_default": "0.0.0.0:9090",
+    "routes_env": "CANARY_PROXY_ROUTES",
+    "routes_default": "/etc/canary-proxy/routes.toml",
+    "drain_env": "CANARY_PROXY_DRAIN_DELAY",
+    "drain_default": "5s",
+    "shutdown_env": "CANARY_PROXY_SHUTDOWN_TIMEOUT",
+    "shutdown_default": "25s",
+}
+READY_PATH = "/readyz"
+LIVE_PATH = "/healthz"
+ROUTES_CONFIGMAP = "canary-proxy-routes"
+ROUTES_KEY = "routes.toml"
+# The version the PrometheusRule's "rollback target" alert is about.
+ALERT_ROLLBACK_TARGET = "stable"
+
+
+# --- rendering ----------------------------------------------------------------
+
+
+def kustomizations() -> list[Path]:
+    """Every kustomization we ship that renders on its own: k8s/ and overlays.
+
+    k8s/base is rendered through k8s/; components only through an overlay
+    (test_every_component_is_rendered checks that each one is)."""
+    found = [K8S]
+    overlays = K8S / "overlays"
+    if overlays.is_dir():
+        found += sorted(p.parent for p in overlays.glob("*/kustomization.yaml"))
+    return found
+
+
+KUSTOMIZATIONS = kustomizations()
+IDS = [str(p.relative_to(REPO)) for p in KUSTOMIZATIONS]
+
+
+@functools.cache
+def render(path: Path) -> tuple[dict, ...]:
+    out = subprocess.run(
+        ["kubectl", "kustomize", str(path)], capture_output=True, text=True, check=False
+    )
+    assert out.returncode == 0, f"kubectl kustomize {path} failed:\n{out.stderr}"
+    return tuple(d for d in yaml.safe_load_all(out.stdout) if d)
+
+
+@pytest.fixture(params=KUSTOMIZATIONS, ids=IDS)
+def docs(request) -> list[dict]:
+    # Deep copies, so a test that edits a resource cannot leak into another.
+    return copy.deepcopy(list(render(request.param)))
+
+
+def of_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def one(docs: list[dict], kind: str, name: str) -> dict:
+    found = [d for d in of_kind(docs, kind) if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"expected exactly one {kind}/{name}, found {len(found)}"
+    return found[0]
+
+
+def workloads(docs: list[dict]) -> list[dict]:
+    return of_kind(docs, "Deployment")
+
+
+def pod_labels(workload: dict) -> dict:
+    return workload["spec"]["template"]["metadata"].get("labels", {})
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """A LabelSelector (matchLabels / matchExpressions) or a Service's plain map."""
+    if "matchLabels" in selector or "matchExpressions" in selector:
+        match_labels, expressions = selector.get("matchLabels") or {}, selector.get("matchExpressions", [])
+    else:
+        match_labels, expressions = selector, []
+    if any(labels.get(key) != value for key, value in match_labels.items()):
+        return False
+    for expr in expressions:
+        key, op, values = expr["key"], expr["operator"], expr.get("values", [])
+        if (op == "In" and labels.get(key) not in values) or (op == "NotIn" and labels.get(key) in values) \
+                or (op == "Exists" and key not in labels) or (op == "DoesNotExist" and key in labels):
+            return False
+    return True
+
+
+def selected_workloads(docs: list[dict], selector: dict) -> list[dict]:
+    return [w for w in workloads(docs) if selects(selector, pod_labels(w))]
+
+
+def container_of(workload: dict, binary: str) -> dict:
+    containers = workload["spec"]["template"]["spec"]["containers"]
+    found = [c for c in containers if image_name(c["image"]) == binary]
+    assert len(found) == 1, f"{workload['metadata']['name']}: expected one {binary} container"
+    return found[0]
+
+
+def image_name(image: str) -> str:
+    """registry/path/name:tag@digest -> name"""
+    image = image.split("@", 1)[0]
+    last = image.rsplit("/", 1)[-1]
+    return last.split(":", 1)[0]
+
+
+def image_tag(image: str) -> str | None:
+    last = image.split("@", 1)[0].rsplit("/", 1)[-1]
+    return last.split(":", 1)[1] if ":" in last else None
+
+
+def env_of(container: dict) -> dict[str, str]:
+    env = {}
+    for item in container.get("env", []):
+        assert "valueFrom" not in item, f"{item['name']}: the checks need literal values"
+        env[item["name"]] = item.get("value", "")
+    return env
+
+
+def setting(container: dict, facts: dict, what: str) -> str:
+    """A flag's value as the container sets it (env var), else the binary's default."""
+    return env_of(container).get(facts[f"{what}_env"], facts[f"{what}_default"])
+
+
+def listen_port(addr: str) -> int:
+    host, _, port = addr.rpartition(":")
+    assert host and port.isdigit(), f"{addr!r} is not HOST:PORT"
+    return int(port)
+
+
+def listens_on_all_interfaces(addr: str) -> bool:
+    host = addr.rpartition(":")[0].strip("[]")
+    return ipaddress.ip_address(host).is_unspecified
+
+
+def resolve_port(container: dict, port) -> int:
+    """A probe or Service targetPort (number or name) -> the container port number."""
+    if isinstance(port, int):
+        return port
+    named = [p for p in container.get("ports", []) if p.get("name") == port]
+    assert len(named) == 1, f"port name {port!r} is not declared on container {container['name']}"
+    return named[0]["containerPort"]
+
+
+DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+
+
+def seconds(duration: str) -> float:
+    """humantime-style durations as the binaries take them: 250ms, 5s, 1m30s."""
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)", duration)
+    assert parts and "".join(n + u for n, u in parts) == duration.replace(" ", ""), (
+        f"cannot read duration {duration!r}"
+    )
+    return sum(float(n) * DURATION_UNITS[u] for n, u in parts)
+
+
+# --- the binaries ---------------------------------------------------------------
+
+
+def binary(name: str, env_var: str) -> Path:
+    given = os.environ.get(env_var)
+    candidates = [Path(given)] if given else [
+        REPO / "target" / "debug" / name,
+        REPO / "target" / "release" / name,
+    ]
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return path
+    pytest.fail(
+        f"{name} binary not found (looked at {', '.join(map(str, candidates))}); "
+        f"build it with `cargo build -p {name}` or set {env_var}"
+    )
+
+
+@functools.cache
+def help_text(name: str, env_var: str, *args: str) -> str:
+    # A clean environment: clap shows `[env: NAME=value]` when the var is set.
+    out = subprocess.run(
+        [str(binary(name, env_var)), *args, "--help"],
+        capture_output=True, text=True, env={"PATH": os.environ.get("PATH", "")}, check=False,
+    )
+    assert out.returncode == 0, f"{name} {' '.join(args)} --help failed:\n{out.stderr}"
+    return out.stdout
+
+
+def proxy_check(routes_text: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    path = tmp_path / ROUTES_KEY
+    path.write_text(routes_text)
+    proxy = binary("canary-proxy", "CANARY_PROXY_BIN")
+    out = subprocess.run([str(proxy), "check", str(path)], capture_output=True, text=True, check=False)
+    if out.returncode not in (0, 1):
+        pytest.fail(
+            f"`canary-proxy check {path}` exited {out.returncode}, expected 0 (valid) or 1 "
+            f"(invalid); does this build have the `check` subcommand?\n{out.stdout}{out.stderr}"
+        )
+    return out
+
+
+# --- the routes ConfigMap ------------------------------------------------------------
+
+
+def routes_text(docs: list[dict]) -> str:
+    cm = one(docs, "ConfigMap", ROUTES_CONFIGMAP)
+    assert set(cm.get("data", {})) == {ROUTES_KEY}, f"{ROUTES_CONFIGMAP} must hold only {ROUTES_KEY}"
+    return cm["data"][ROUTES_KEY]
+
+
+def proxy_workload(docs: list[dict]) -> dict:
+    found = [w for w in workloads(docs) if any(
+        image_name(c["image"]) == "canary-proxy" for c in w["spec"]["template"]["spec"]["containers"])]
+    assert len(found) == 1, "expected exactly one canary-proxy Deployment"
+    return found[0]
+
+
+def ping_workloads(docs: list[dict]) -> list[dict]:
+    return [w for w in workloads(docs) if any(
+        image_name(c["image"]) == "ping-backend" for c in w["spec"]["template"]["spec"]["containers"])]
+
+
+def service_for_host(docs: list[dict], host: str, namespace: str) -> dict:
+    """A Service by the DNS name a pod in `namespace` would use for it."""
+    parts = host.split(".")
+    name = parts[0]
+    ns = namespace
+    if len(parts) >= 2:
+        ns = parts[1]
+        assert parts[2:] in ([], ["svc"], ["svc", "cluster", "local"]), (
+            f"upstream host {host!r} is not a Service DNS name"
+        )
+    matches = [s for s in of_kind(docs, "Service")
+               if s["metadata"]["name"] == name and s["metadata"].get("namespace") == ns]
+    assert matches, f"upstream host {host!r} names no Service in namespace {ns}"
+    return matches[0]
+
+
+def check_upstreams(docs: list[dict], routes: dict) -> None:
+    """Every upstream is a Service of ours, on a port it has, reaching pods
+    that listen there; the versions' Services select disjoint pods."""
+    proxy_ns = proxy_workload(docs)["metadata"].get("namespace")
+    seen_workloads: dict[str, str] = {}
+    for version, spec in routes["versions"].items():
+        url = urlsplit(spec["upstream"])
+        assert url.scheme == "http", f"versions.{version}.upstream: the ping pods speak plain http"
+        assert url.port is not None, f"versions.{version}.upstream: give the Service port explicitly"
+        service = service_for_host(docs, url.hostname, proxy_ns)
+        svc_name = service["metadata"]["name"]
+        ports = [p for p in service["spec"]["ports"] if p["port"] == url.port]
+        assert ports, (
+            f"versions.{version}.upstream: Service {svc_name} has no port {url.port} "
+            f"(it has {[p['port'] for p in service['spec']['ports']]})"
+        )
+        backends = selected_workloads(docs, service["spec"]["selector"])
+        assert len(backends) == 1, (
+            f"Service {svc_name} (version {version}) must select exactly one Deployment's pods, "
+            f"selects {[w['metadata']['name'] for w in backends]}"
+        )
+        workload = backends[0]
+        container = container_of(workload, "ping-backend")
+        target = resolve_port(container, ports[0].get("targetPort", ports[0]["port"]))
+        listen = setting(container, PING, "listen")
+        assert target == listen_port(listen), (
+            f"Service {svc_name} sends port {url.port} to container port {target}, "
+            f"but ping-backend listens on {listen}"
+        )
+        assert listens_on_all_interfaces(listen), f"{workload['metadata']['name']}: {listen} is not reachable from other pods"
+        other = seen_workloads.setdefault(workload["metadata"]["name"], version)
+        assert other == version, f"versions {other} and {version} reach the same Deployment"
+
+
+# --- tests: rendering ------------------------------------------------------------------
+
+
+def test_every_component_is_rendered():
+    used = set()
+    for path in KUSTOMIZATIONS + [K8S / "base"]:
+        k = yaml.safe_load((path / "kustomization.yaml").read_text())
+        used |= {(path / c).resolve() for c in k.get("components", [])}
+    components = {p.parent.resolve() for p in (K8S / "components").glob("*/kustomization.yaml")}
+    assert components <= used, f"components no overlay renders: {sorted(map(str, components - used))}"
+
+
+def test_product_resources(docs):
+    stable = one(docs, "Deployment", "ping-stable")
+    canary = one(docs, "Deployment", "ping-canary")
+    proxy = one(docs, "Deployment", "canary-proxy")
+    for workload, replicas, tag in ((stable, 2, "v1"), (canary, 1, "v2")):
+        name = workload["metadata"]["name"]
+        assert workload["spec"]["replicas"] == replicas, name
+        container = container_of(workload, "ping-backend")
+        assert image_tag(container["image"]) == tag, f"{name}: image tag"
+        assert env_of(container).get("PING_VERSION") == tag, f"{name}: PING_VERSION"
+        assert one(docs, "Service", name)["spec"].get("type", "ClusterIP") == "ClusterIP"
+    assert proxy["spec"]["replicas"] == 2
+    assert one(docs, "Service", "canary-proxy")["spec"]["type"] == "LoadBalancer"
+    assert one(docs, "Service", "canary-proxy-admin")["spec"].get("type", "ClusterIP") == "ClusterIP"
+    for d in docs:
+        if d["kind"] not in ("Namespace",):
+            assert d["metadata"].get("namespace") == NAMESPACE, f"{d['kind']}/{d['metadata']['name']}"
+
+
+# --- tests: routes -----------------------------------------------------------------------
+
+
+def test_routes_pass_the_proxys_validation(docs, tmp_path):
+    out = proxy_check(routes_text(docs), tmp_path)
+    assert out.returncode == 0, f"canary-proxy check rejects the shipped routes:\n{out.stdout}{out.stderr}"
+
+
+def test_proxy_check_rejects_a_broken_routes_file(tmp_path):
+    # Proof that the check above is a real check and not a no-op.
+    broken = routes_text(list(render(K8S))).replace("weight = 90", "wieght = 90")
+    out = proxy_check(broken, tmp_path)
+    assert out.returncode == 1, f"canary-proxy check accepted a misspelt key:\n{out.stdout}{out.stderr}"
+
+
+def test_routes_upstreams_are_our_services(docs):
+    check_upstreams(docs, tomllib.loads(routes_text(docs)))
+
+
+def test_rollback_target_is_the_version_the_alerts_watch(docs):
+    routes = tomllib.loads(routes_text(docs))
+    target = routes.get("rollback", {}).get("target")
+    assert target == ALERT_ROLLBACK_TARGET, (
+        f"rollback.target is {target!r}, but the PrometheusRule's rollback-target alert "
+        f"watches version={ALERT_ROLLBACK_TARGET!r}"
+    )
+    assert target in routes["versions"]
+    for rule in of_kind(docs, "PrometheusRule"):
+        exprs = " ".join(r["expr"] for g in rule["spec"]["groups"] for r in g["rules"])
+        assert f'version="{ALERT_ROLLBACK_TARGET}"' in exprs
+        assert f'version!="{ALERT_ROLLBACK_TARGET}"' in exprs
+
+
+# --- tests: wiring ------------------------------------------------------------------------
+
+
+def test_selectors_match_pod_labels(docs):
+    for workload in workloads(docs):
+        name = workload["metadata"]["name"]
+        assert selects(workload["spec"]["selector"], pod_labels(workload)), f"Deployment {name}"
+        for others in workloads(docs):
+            if others is not workload:
+                assert not selects(workload["spec"]["selector"], pod_labels(others)), (
+                    f"Deployment {name}'s selector also matches {others['metadata']['name']}'s pods"
+                )
+        for constraint in workload["spec"]["template"]["spec"].get("topologySpreadConstraints", []):
+            assert selected_workloads(docs, constraint["labelSelector"]) == [workload], (
+                f"{name}: topologySpreadConstraints select other pods"
+            )
+    for service in of_kind(docs, "Service"):
+        assert selected_workloads(docs, service["spec"]["selector"]), (
+            f"Service {service['metadata']['name']} selects no pods"
+        )
+    for pdb in of_kind(docs, "PodDisruptionBudget"):
+        assert len(selected_workloads(docs, pdb["spec"]["selector"])) == 1, (
+            f"PodDisruptionBudget {pdb['metadata']['name']} must cover exactly one Deployment"
+        )
+    proxy = proxy_workload(docs)
+    assert any(selected_workloads(docs, p["spec"]["selector"]) == [proxy]
+               for p in of_kind(docs, "PodDisruptionBudget")), "the proxy has no PodDisruptionBudget"
+
+
+def test_service_target_ports_exist(docs):
+    for service in of_kind(docs, "Service"):
+        for workload in selected_workloads(docs, service["spec"]["selector"]):
+            containers = workload["spec"]["template"]["spec"]["containers"]
+            for port in service["spec"]["ports"]:
+                target = port.get("targetPort", port["port"])
+                assert any(p.get("name") == target or p["containerPort"] == target
+                           for c in containers for p in c.get("ports", [])), (
+                    f"Service {service['metadata']['name']} targets port {target!r}, "
+                    f"which no container of {workload['metadata']['name']} declares"
+                )
+
+
+def test_network_policy_lets_only_the_proxy_reach_ping_pods(docs):
+    proxy = proxy_workload(docs)
+    pings = ping_workloads(docs)
+    covering = [p for p in of_kind(docs, "NetworkPolicy")
+                if all(selects(p["spec"]["podSelector"], pod_labels(w)) for w in pings)]
+    assert covering, "no NetworkPolicy covers the ping pods"
+    for policy in covering:
+        assert "Ingress" in policy["spec"]["policyTypes"]
+        assert not selects(policy["spec"]["podSelector"], pod_labels(proxy))
+        for rule in policy["spec"].get("ingress", []):
+            peers = rule.get("from")
+            assert peers, f"{policy['metadata']['name']}: an ingress rule without `from` admits everyone"
+            for peer in peers:
+                assert set(peer) == {"podSelector"}, f"{policy['metadata']['name']}: only pod peers"
+                assert selected_workloads(docs, peer["podSelector"]) == [proxy], (
+                    f"{policy['metadata']['name']}: admits pods other than the proxy's"
+                )
+            for port in rule.get("ports", []):
+                for w in pings:
+                    c = container_of(w, "ping-backend")
+                    assert resolve_port(c, port["port"]) == listen_port(setting(c, PING, "listen"))
+
+
+# --- tests: the binaries' flags ----------------------------------------------------------------
+
+
+def test_manifest_env_vars_are_flags_of_the_binaries(docs):
+    for workload in workloads(docs):
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            name = image_name(container["image"])
+            if name == "canary-proxy":
+                args = container.get("args", [])
+                assert args[:1] == ["run"], f"{workload['metadata']['name']}: canary-proxy needs `run`"
+                text = help_text(name, "CANARY_PROXY_BIN", "run")
+            else:
+                assert name == "ping-backend", f"unexpected image {container['image']}"
+                text = help_text(name, "PING_BACKEND_BIN")
+            for var in env_of(container):
+                assert f"[env: {var}=" in text, (
+                    f"{workload['metadata']['name']}: env {var} is not a flag of `{name} --help`"
+                )
+
+
+def test_pinned_flag_defaults_match_the_binaries():
+    # The checks below fall back to these defaults where a manifest sets nothing.
+    for facts, env_var, args in ((PING, "PING_BACKEND_BIN", ()), (PROXY, "CANARY_PROXY_BIN", ("run",))):
+        text = help_text(facts["binary"], env_var, *args)
+        for key, value in facts.items():
+            if key.endswith("_env"):
+                default = facts[key.replace("_env", "_default")]
+                line = next((l for l in text.splitlines() if f"[env: {value}=" in l), None)
+                assert line is not None, f"{facts['binary']}: no flag for {value}"
+                assert f"[default: {default}]" in line, f"{facts['binary']} {value}: default is not {default}"
+
+
+def test_probes_match_the_binaries(docs):
+    for workload in workloads(docs):
+        name = workload["metadata"]["name"]
+        for container in workload["spec"]["template"]["spec"]["containers"]:
+            if image_name(container["image"]) == "canary-proxy":
+                probe_addr = setting(container, PROXY, "admin")
+                traffic_addr = setting(container, PROXY, "listen")
+            else:
+                probe_addr = traffic_addr = setting(container, PING, "listen")
+            assert listens_on_all_interfaces(probe_addr), f"{name}: the kubelet cannot reach {probe_addr}"
+            for kind, path in (("readinessProbe", READY_PATH), ("livenessProbe", LIVE_PATH)):
+                probe = container.get(kind)
+                assert probe and "httpGet" in probe, f"{name}: {kind} must be an httpGet probe"
+                assert probe["httpGet"]["path"] == path, f"{name}: {kind} path"
+                port = resolve_port(container, probe["httpGet"]["port"])
+                assert port == listen_port(probe_addr), (
+                    f"{name}: {kind} on port {port}, but the endpoint listens on {probe_addr}"
+                )
+            declared = {p["containerPort"] for p in container["ports"]}
+            assert {listen_port(traffic_addr), listen_port(probe_addr)} == declared, (
+                f"{name}: containerPorts {declared} differ from the listen addresses"
+            )
+
+
+def test_routes_configmap_is_mounted_as_a_directory(docs):
+    proxy = proxy_workload(docs)
+    pod = proxy["spec"]["template"]["spec"]
+    container = container_of(proxy, "canary-proxy")
+    routes_path = setting(container, PROXY, "routes")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = [m for m in container["volumeMounts"]
+              if volumes[m["name"]].get("configMap", {}).get("name") == ROUTES_CONFIGMAP]
+    assert len(mounts) == 1, f"mount the ConfigMap {ROUTES_CONFIGMAP} once"
+    mount = mounts[0]
+    assert "subPath" not in mount and "subPathExpr" not in mount, (
+        "the routes ConfigMap is mounted with subPath; subPath mounts never update"
+    )
+    assert mount.get("readOnly") is True
+    assert routes_path == f"{mount['mountPath'].rstrip('/')}/{ROUTES_KEY}", (
+        f"the proxy reads {routes_path}, the ConfigMap key {ROUTES_KEY} is at {mount['mountPath']}"
+    )
+    volume = volumes[mount["name"]]["configMap"]
+    assert "items" not in volume, "items remaps keys; mount the whole ConfigMap"
+    # No subPath anywhere on a ConfigMap or Secret: those never see updates.
+    for workload in workloads(docs):
+        spec = workload["spec"]["template"]["spec"]
+        vols = {v["name"]: v for v in spec.get("volumes", [])}
+        for c in spec["containers"]:
+            for m in c.get("volumeMounts", []):
+                if "configMap" in vols[m["name"]] or "secret" in vols[m["name"]]:
+                    assert "subPath" not in m, f"{workload['metadata']['name']}: {m}"
+
+
+def test_grace_period_covers_drain_and_shutdown(docs):
+    for workload in workloads(docs):
+        pod = workload["spec"]["template"]["spec"]
+        grace = pod.get("terminationGracePeriodSeconds", 30)
+        for container in pod["containers"]:
+            facts = PROXY if image_name(container["image"]) == "canary-proxy" else PING
+            need = seconds(setting(container, facts, "drain")) + seconds(setting(container, facts, "shutdown"))
+            assert grace >= need, (
+                f"{workload['metadata']['name']}: terminationGracePeriodSeconds {grace} < "
+                f"drain delay + shutdown timeout ({need:g}s); the kubelet would SIGKILL mid-drain"
+            )
+
+
+def test_load_balancer_exposes_only_the_traffic_port(docs):
+    proxy = proxy_workload(docs)
+    container = container_of(proxy, "canary-proxy")
+    traffic = listen_port(setting(container, PROXY, "listen"))
+    admin = listen_port(setting(container, PROXY, "admin"))
+    balancers = [s for s in of_kind(docs, "Service") if s["spec"].get("type") in ("LoadBalancer", "NodePort")]
+    assert [s["metadata"]["name"] for s in balancers] == ["canary-proxy"]
+    for service in balancers:
+        targets = [resolve_port(container, p.get("targetPort", p["port"])) for p in service["spec"]["ports"]]
+        assert admin not in targets, f"Service {service['metadata']['name']} exposes the admin port"
+        assert targets == [traffic]
+        assert [p["port"] for p in service["spec"]["ports"]] == [80]
+    admin_services = [s for s in of_kind(docs, "Service")
+                      if s["spec"].get("type", "ClusterIP") == "ClusterIP"
+                      and selected_workloads(docs, s["spec"]["selector"]) == [proxy]]
+    assert len(admin_services) == 1
+    annotations = admin_services[0]["metadata"].get("annotations", {})
+    assert annotations.get("prometheus.io/scrape") == "true"
+    assert annotations.get("prometheus.io/port") == str(admin)
+    assert annotations.get("prometheus.io/path") == "/metrics"
+
+
+# --- tests: posture --------------------------------------------------------------------------------
+
+
+def test_restricted_security_context_and_resources(docs):
+    for workload in workloads(docs):
+        name = workload["metadata"]["name"]
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
+        assert pod.get("automountServiceAccountToken") is False, name
+        assert not pod.get("hostNetwork") and not pod.get("hostPID") and not pod.get("hostIPC"), name
+        for container in pod["containers"] + pod.get("initContainers", []):
+            sc = container["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False, name
+            assert sc["readOnlyRootFilesystem"] is True, name
+            assert sc["runAsNonRoot"] is True, name
+            assert sc["capabilities"]["drop"] == ["ALL"], name
+            assert not sc["capabilities"].get("add"), name
+            assert sc["seccompProfile"]["type"] == "RuntimeDefault", name
+            for section in ("requests", "limits"):
+                assert {"cpu", "memory"} <= set(container["resources"][section]), f"{name}: {section}"
+
+
+def test_rolling_updates_never_reduce_capacity(docs):
+    for workload in workloads(docs):
+        strategy = workload["spec"]["strategy"]
+        assert strategy["type"] == "RollingUpdate"
+        assert strategy["rollingUpdate"]["maxUnavailable"] == 0, workload["metadata"]["name"]
+        assert strategy["rollingUpdate"]["maxSurge"] == 1, workload["metadata"]["name"]
+
+
+def test_proxy_spreads_across_nodes(docs):
+    proxy = proxy_workload(docs)
+    keys = [c["topologyKey"] for c in proxy["spec"]["template"]["spec"].get("topologySpreadConstraints", [])]
+    assert "kubernetes.io/hostname" in keys
+
+
+# --- tests: CRD resources (monitoring) -------------------------------------------------------------------
+
+
+def crd_docs() -> list[dict]:
+    seen = []
+    for path in KUSTOMIZATIONS:
+        seen += [d for d in render(path) if d["apiVersion"].startswith("monitoring.coreos.com/")]
+    return seen
+
+
+def test_monitoring_is_rendered_somewhere():
+    kinds = {d["kind"] for d in crd_docs()}
+    assert {"ServiceMonitor", "PrometheusRule"} <= kinds
+
+
+def _dropped_keys(given, kept, where="") -> list[str]:
+    """Keys present in `given` but not in the model's dump `kept`: unknown fields."""
+    if isinstance(given, dict):
+        if not isinstance(kept, dict):
+            return [where or "."]
+        out = []
+        for key, value in given.items():
+            if key not in kept:
+                out.append(f"{where}.{key}")
+            else:
+                out += _dropped_keys(value, kept[key], f"{where}.{key}")
+        return out
+    if isinstance(given, list) and isinstance(kept, list):
+        return [k for i, (g, c) in enumerate(zip(given, kept)) for k in _dropped_keys(g, c, f"{where}[{i}]")]
+    return []
+
+
+@pytest.mark.parametrize("kind", ["ServiceMonitor", "PrometheusRule"])
+def test_crd_resources_match_the_operator_schema(kind):
+    # kubernetes-validate has no schemas for CRDs. These models are generated
+    # from the Prometheus Operator's CRD OpenAPI schemas (types, enums,
+    # patterns, required fields); the round trip finds unknown fields, which
+    # the models would otherwise ignore.
+    from cloudcoil.models.prometheus_operator import v1
+
+    model = getattr(v1, kind)
+    docs = [d for d in crd_docs() if d["kind"] == kind]
+    assert docs
+    for doc in docs:
+        parsed = model.model_validate(doc)
+        kept = parsed.model_dump(by_alias=True, exclude_none=True, mode="json")
+        unknown = [k for k in _dropped_keys(doc, kept) if not k.startswith(".metadata.")]
+        assert not unknown, f"{kind}/{doc['metadata']['name']}: unknown fields {unknown}"
+
+
+def test_service_monitor_scrapes_the_admin_service():
+    monitored = [list(render(p)) for p in KUSTOMIZATIONS if of_kind(list(render(p)), "ServiceMonitor")]
+    assert monitored, "no kustomization renders a ServiceMonitor"
+    for docs in monitored:
+        proxy = proxy_workload(docs)
+        container = container_of(proxy, "canary-proxy")
+        admin = listen_port(setting(container, PROXY, "admin"))
+        for monitor in of_kind(docs, "ServiceMonitor"):
+            services = [s for s in of_kind(docs, "Service")
+                        if selects(monitor["spec"]["selector"], s["metadata"].get("labels", {}))]
+            assert [s["metadata"]["name"] for s in services] == ["canary-proxy-admin"], (
+                f"ServiceMonitor selects {[s['metadata']['name'] for s in services]}"
+            )
+            port_names = {p.get("name"): p for p in services[0]["spec"]["ports"]}
+            for endpoint in monitor["spec"]["endpoints"]:
+                assert endpoint["port"] in port_names, f"ServiceMonitor port {endpoint['port']!r}"
+                assert resolve_port(container, port_names[endpoint["port"]]["targetPort"]) == admin
+                assert endpoint.get("path", "/metrics") == "/metrics"
+
+
+# --- tests: the walkthrough's patches ---------------------------------------------------------------------
+
+
+ROUTE_PATCHES = sorted(EXAMPLES.glob("routes-*.yaml"))
+
+
+def test_walkthrough_patches_exist():
+    assert ROUTE_PATCHES, f"no routes patches in {EXAMPLES}"
+
+
+@pytest.mark.parametrize("patch", ROUTE_PATCHES, ids=[p.name for p in ROUTE_PATCHES])
+def test_walkthrough_routes_patches_are_valid(patch, tmp_path):
+    """docs/kubernetes.md shifts weights with `kubectl patch configmap
+    canary-proxy-routes --type merge --patch-file k8s/examples/routes-*.yaml`.
+    Apply each one offline (kubectl patch --local) to the shipped ConfigMap
+    and hold the result to the same checks as the shipped routes."""
+    body = yaml.safe_load(patch.read_text())
+    assert set(body) == {"data"} and set(body["data"]) == {ROUTES_KEY}, (
+        f"{patch.name} must change only data.{ROUTES_KEY}"
+    )
+    docs = copy.deepcopy(list(render(K8S)))
+    cm = one(docs, "ConfigMap", ROUTES_CONFIGMAP)
+    cm_file = tmp_path / "configmap.yaml"
+    cm_file.write_text(yaml.safe_dump(cm))
+    out = subprocess.run(
+        ["kubectl", "patch", "--local", "-f", str(cm_file), "--type", "merge",
+         "--patch-file", str(patch), "-o", "yaml"],
+        capture_output=True, text=True, check=False,
+    )
+    assert out.returncode == 0, f"kubectl patch --local with {patch.name} failed:\n{out.stderr}"
+    patched = yaml.safe_load(out.stdout)
+    text = patched["data"][ROUTES_KEY]
+    result = proxy_check(text, tmp_path)
+    assert result.returncode == 0, f"canary-proxy check rejects {patch.name}:\n{result.stdout}{result.stderr}"
+    routes = tomllib.loads(text)
+    cm["data"] = patched["data"]
+    check_upstreams(docs, routes)
+    assert routes["rollback"]["target"] == ALERT_ROLLBACK_TARGET
