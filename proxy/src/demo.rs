@@ -68,6 +68,7 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<()> {
         Listeners {
             traffic: Some(traffic),
             admin,
+            tls: None,
         },
     )
     .await?;

@@ -3,7 +3,7 @@
 //! # Layout
 //!
 //! Request path (one way, left to right):
-//! `server` (accept, HTTP/1.1 + h2c) -> `forward` (pick a version with
+//! `server` (accept, HTTP/1.1 + h2c; HTTPS with ALPN through `tls`) -> `forward` (pick a version with
 //! `split` from the current `snapshot`, rewrite, pooled upstream client,
 //! stream both ways) -> `forward::ObservedBody` (one record per request) ->
 //! `metrics` and the rollback `guard`.
@@ -11,7 +11,8 @@
 //! Control path: `watch` (the ConfigMap directory) -> `routes` (parse,
 //! validate) -> `control` (the one writer) -> one `ArcSwap<Snapshot>`.
 //! The guard's verdict goes through `control` too, so a request reads ONE
-//! snapshot and never a mix of two.
+//! snapshot and never a mix of two. The TLS Secret is watched the same way
+//! (`watch::DirWatch`) and swapped into `tls::CertStore` for new handshakes.
 //!
 //! Admin path: `admin` serves `/healthz`, `/readyz`, `/metrics`, `/status`
 //! on a port of its own.
@@ -30,6 +31,7 @@ pub mod routes;
 pub mod server;
 pub mod snapshot;
 pub mod split;
+pub mod tls;
 pub mod watch;
 
 use std::future::Future;
@@ -49,6 +51,7 @@ use crate::forward::{ForwardConfig, Forwarder};
 use crate::metrics::Metrics;
 use crate::routes::RoutesError;
 use crate::server::{Plain, ServerConfig};
+use crate::tls::{Tls, TlsConfig, TlsError};
 use crate::watch::WatchConfig;
 
 /// Everything `canary-proxy run` is configured with, minus the sockets.
@@ -63,6 +66,8 @@ pub struct RunConfig {
     pub server: ServerConfig,
     pub forward: ForwardConfig,
     pub watch: WatchConfig,
+    /// The HTTPS listener's certificate; needed iff `Listeners::tls` is set.
+    pub tls: Option<TlsConfig>,
 }
 
 impl RunConfig {
@@ -74,6 +79,7 @@ impl RunConfig {
             server: ServerConfig::default(),
             forward: ForwardConfig::default(),
             watch: WatchConfig::default(),
+            tls: None,
         }
     }
 }
@@ -84,14 +90,20 @@ pub struct Listeners {
     /// `None` when the plain listener is turned off.
     pub traffic: Option<TcpListener>,
     pub admin: TcpListener,
+    /// The HTTPS listener, if any (needs `RunConfig::tls`).
+    pub tls: Option<TcpListener>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("{0}\nthere is no last good routes table to fall back on at start-up; fix the file (check it with `canary-proxy check PATH`)")]
     Routes(#[from] RoutesError),
-    #[error("no listener: give --listen an address")]
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    #[error("no listener: give --listen or --tls-listen an address")]
     NoListener,
+    #[error("an HTTPS listener needs a certificate and a key, and a certificate needs an HTTPS listener: give --tls-listen, --tls-cert and --tls-key together")]
+    TlsIncomplete,
 }
 
 /// A running proxy.
@@ -105,14 +117,18 @@ pub struct Proxy {
     stop_rest: CancellationToken,
     servers: Vec<JoinHandle<GracefulShutdown>>,
     traffic_addr: Option<SocketAddr>,
+    tls_addr: Option<SocketAddr>,
     admin_addr: SocketAddr,
 }
 
 impl Proxy {
     /// Load the routes (fatal if missing or invalid) and start serving.
     pub async fn start(config: RunConfig, listeners: Listeners) -> Result<Proxy, StartError> {
-        if listeners.traffic.is_none() {
+        if listeners.traffic.is_none() && listeners.tls.is_none() {
             return Err(StartError::NoListener);
+        }
+        if listeners.tls.is_some() != config.tls.is_some() {
+            return Err(StartError::TlsIncomplete);
         }
         let bytes = std::fs::read(&config.routes).map_err(|source| RoutesError::Read {
             path: config.routes.clone(),
@@ -123,6 +139,17 @@ impl Proxy {
             problems,
         })?;
         tracing::info!(routes = %config.routes.display(), hash = %table.hash, versions = %table.versions.iter().map(|v| format!("{}={}", v.name, v.weight)).collect::<Vec<_>>().join(" "), "routes loaded");
+        // Like the routes, a bad certificate at start-up is fatal: there is
+        // no previous one to keep serving.
+        let tls = match &config.tls {
+            Some(tls_config) => {
+                let tls = Tls::load(tls_config.clone()).await?;
+                let info = tls.store().info();
+                tracing::info!(cert = %tls_config.cert.display(), subject = %info.subject, serial = %info.serial, "TLS certificate loaded");
+                Some(tls)
+            }
+            None => None,
+        };
 
         let metrics = Metrics::new();
         let control = Control::new(table, metrics);
@@ -152,12 +179,34 @@ impl Proxy {
         let mut servers = Vec::new();
         let mut traffic_addr = None;
         if let Some(listener) = listeners.traffic {
-            let addr = listener.local_addr().expect("a bound listener has an address");
+            let addr = listener
+                .local_addr()
+                .expect("a bound listener has an address");
             traffic_addr = Some(addr);
             tracing::info!(%addr, "serving traffic");
             servers.push(tokio::spawn(server::serve(
                 listener,
                 Arc::new(Plain),
+                forwarder.clone(),
+                config.server.clone(),
+                stop_accepting.clone(),
+            )));
+        }
+        let mut tls_addr = None;
+        if let (Some(listener), Some(tls)) = (listeners.tls, tls) {
+            let addr = listener
+                .local_addr()
+                .expect("a bound listener has an address");
+            tls_addr = Some(addr);
+            tls.spawn_reloader(
+                control.metrics().clone(),
+                config.watch.clone(),
+                stop_rest.clone(),
+            );
+            tracing::info!(%addr, "serving https");
+            servers.push(tokio::spawn(server::serve(
+                listener,
+                Arc::new(tls.acceptor()),
                 forwarder.clone(),
                 config.server.clone(),
                 stop_accepting.clone(),
@@ -173,6 +222,7 @@ impl Proxy {
             stop_rest,
             servers,
             traffic_addr,
+            tls_addr,
             admin_addr,
         })
     }
@@ -183,6 +233,11 @@ impl Proxy {
 
     pub fn traffic_addr(&self) -> Option<SocketAddr> {
         self.traffic_addr
+    }
+
+    /// The HTTPS listener's address, if there is one.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls_addr
     }
 
     pub fn admin_addr(&self) -> SocketAddr {

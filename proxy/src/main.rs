@@ -10,6 +10,7 @@ use anyhow::Context;
 use canary_proxy::demo::DemoConfig;
 use canary_proxy::forward::ForwardConfig;
 use canary_proxy::server::ServerConfig;
+use canary_proxy::tls::TlsConfig;
 use canary_proxy::watch::WatchConfig;
 use canary_proxy::{routes, Listeners, RunConfig};
 use clap::{Args, Parser, Subcommand};
@@ -65,6 +66,18 @@ struct RunArgs {
     /// Then wait at most this long for in-flight requests (e.g. 25s).
     #[arg(long, env = "CANARY_PROXY_SHUTDOWN_TIMEOUT", default_value = "25s", value_parser = humantime::parse_duration)]
     shutdown_timeout: Duration,
+    /// HTTPS listener beside the plain one, ADDR like 0.0.0.0:8443; needs --tls-cert and --tls-key.
+    #[arg(long, env = "CANARY_PROXY_TLS_LISTEN", value_name = "ADDR")]
+    tls_listen: Option<SocketAddr>,
+    /// PEM certificate chain, leaf first: the tls.crt of a kubernetes.io/tls Secret mounted as a directory (not subPath), so rotations reach it.
+    #[arg(long, env = "CANARY_PROXY_TLS_CERT", value_name = "PATH")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key matching --tls-cert: the Secret's tls.key.
+    #[arg(long, env = "CANARY_PROXY_TLS_KEY", value_name = "PATH")]
+    tls_key: Option<PathBuf>,
+    /// Drop an HTTPS client that has not finished the TLS handshake within this long (e.g. 10s).
+    #[arg(long, env = "CANARY_PROXY_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    tls_handshake_timeout: Duration,
     /// Worker threads; 0 means one per CPU core.
     #[arg(long, env = "CANARY_PROXY_THREADS", default_value_t = 0)]
     threads: usize,
@@ -215,7 +228,22 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if args.listen.0 == Some(args.admin_listen) {
         anyhow::bail!("--admin-listen {} is the traffic port too; the admin port must be separate so it is never exposed through the LoadBalancer", args.admin_listen);
     }
+    let tls_listen = args.tls_listen;
+    if let Some(addr) = tls_listen.filter(|a| a.port() != 0) {
+        if addr == args.admin_listen {
+            anyhow::bail!("--tls-listen {addr} is the admin port too; give the admin endpoints a port of their own");
+        }
+        if args.listen.0 == Some(addr) {
+            anyhow::bail!("--tls-listen {addr} is the --listen address too; give HTTPS a port of its own (e.g. 0.0.0.0:8443), or turn the plain listener off with --listen none");
+        }
+    }
     let mut config = RunConfig::new(args.routes);
+    config.tls = tls_config(
+        args.tls_listen,
+        args.tls_cert,
+        args.tls_key,
+        args.tls_handshake_timeout,
+    )?;
     args.common.apply(&mut config);
     config.drain_delay = args.drain_delay;
     config.shutdown_timeout = args.shutdown_timeout;
@@ -225,14 +253,60 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             None => None,
         };
         let admin = bind(args.admin_listen, "--admin-listen").await?;
+        let tls = match tls_listen {
+            Some(addr) => Some(bind(addr, "--tls-listen").await?),
+            None => None,
+        };
         canary_proxy::run(
             config,
-            Listeners { traffic, admin },
+            Listeners {
+                traffic,
+                admin,
+                tls,
+            },
             canary_proxy::shutdown_signal(),
         )
         .await?;
         Ok(())
     })
+}
+
+/// The three TLS flags go together: say which one is missing.
+fn tls_config(
+    listen: Option<SocketAddr>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    handshake_timeout: Duration,
+) -> anyhow::Result<Option<TlsConfig>> {
+    match (listen, cert, key) {
+        (None, None, None) => Ok(None),
+        (Some(_), Some(cert), Some(key)) => {
+            if handshake_timeout.is_zero() {
+                anyhow::bail!("--tls-handshake-timeout must be more than 0s (e.g. 10s)");
+            }
+            Ok(Some(TlsConfig {
+                handshake_timeout,
+                ..TlsConfig::new(cert, key)
+            }))
+        }
+        (listen, cert, key) => {
+            let missing: Vec<&str> = [
+                (
+                    listen.is_none(),
+                    "--tls-listen ADDR (CANARY_PROXY_TLS_LISTEN)",
+                ),
+                (cert.is_none(), "--tls-cert PATH (CANARY_PROXY_TLS_CERT)"),
+                (key.is_none(), "--tls-key PATH (CANARY_PROXY_TLS_KEY)"),
+            ]
+            .into_iter()
+            .filter_map(|(missing, flag)| missing.then_some(flag))
+            .collect();
+            anyhow::bail!(
+                "HTTPS needs --tls-listen, --tls-cert and --tls-key together; missing: {}",
+                missing.join(", ")
+            )
+        }
+    }
 }
 
 fn demo(args: DemoArgs) -> anyhow::Result<()> {

@@ -203,6 +203,13 @@ impl Metrics {
             .inc();
     }
 
+    /// TLS is on: both reload results exist from the start, as for the
+    /// routes, so rate() and absent() alerts work before the first rotation.
+    pub fn tls_enabled(&self) {
+        self.tls_reloads.with_label_values(&["success"]);
+        self.tls_reloads.with_label_values(&["failure"]);
+    }
+
     /// The text exposition format, as `/metrics` serves it.
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 * 1024);

@@ -35,7 +35,7 @@ pub struct WatchConfig {
 impl Default for WatchConfig {
     fn default() -> Self {
         WatchConfig {
-            debounce: Duration::from_millis(20),
+            debounce: Duration::from_millis(10),
             interval: Duration::from_secs(10),
         }
     }
@@ -50,15 +50,118 @@ pub fn spawn(
     config: WatchConfig,
     stop: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
-        // The event's content does not matter (see module docs), only that
-        // something happened; errors (e.g. queue overflow) count too.
-        let _ = tx.send(());
-    });
-    let mut state = State { path, last_seen: Some(initial), control, dir_watched: false, watcher: watcher.map_err(|e| tracing::error!(error = %e, "cannot start the file watcher; relying on periodic re-reads")).ok() };
-    state.ensure_watch();
-    tokio::spawn(state.run(rx, config, stop))
+    let watch = DirWatch::new(vec![parent_dir(&path).to_owned()], config, "routes");
+    let state = State {
+        path,
+        last_seen: Some(initial),
+        control,
+        watch,
+    };
+    tokio::spawn(state.run(stop))
+}
+
+/// The directory holding `path`, as mounted (never canonicalized: see the
+/// module docs).
+pub(crate) fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// The part shared by every hot-reloaded mount (the routes ConfigMap, the
+/// TLS Secret): wakes its owner when something in the watched directories
+/// may have changed, i.e. after any event (debounced) or the periodic
+/// interval. The owner re-reads its files and decides; see the module docs
+/// for why events are not interpreted.
+pub(crate) struct DirWatch {
+    dirs: Vec<PathBuf>,
+    /// What is watched, for log messages ("routes", "TLS certificate").
+    what: &'static str,
+    rx: mpsc::UnboundedReceiver<()>,
+    events_open: bool,
+    watcher: Option<notify::RecommendedWatcher>,
+    watched: bool,
+    tick: tokio::time::Interval,
+    debounce: Duration,
+}
+
+impl DirWatch {
+    /// Watch `dirs` at once. Must be called inside the tokio runtime.
+    pub(crate) fn new(dirs: Vec<PathBuf>, config: WatchConfig, what: &'static str) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
+            // The event's content does not matter (see module docs), only that
+            // something happened; errors (e.g. queue overflow) count too.
+            let _ = tx.send(());
+        });
+        let watcher = watcher
+            .map_err(|e| tracing::error!(error = %e, watched = what, "cannot start the file watcher; relying on periodic re-reads"))
+            .ok();
+        // The first tick is one interval away: start-up already read the files.
+        let mut tick = tokio::time::interval_at(
+            tokio::time::Instant::now() + config.interval,
+            config.interval,
+        );
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut watch = DirWatch {
+            dirs,
+            what,
+            rx,
+            events_open: true,
+            watcher,
+            watched: false,
+            tick,
+            debounce: config.debounce,
+        };
+        watch.ensure();
+        watch
+    }
+
+    /// Whether every directory is under an inotify watch right now.
+    pub(crate) fn is_watching(&self) -> bool {
+        self.watched
+    }
+
+    /// (Re-)establish the directory watches. A deleted directory kills an
+    /// inotify watch, so after a failed read we watch again once it is back.
+    pub(crate) fn ensure(&mut self) {
+        let Some(w) = self.watcher.as_mut() else {
+            return;
+        };
+        let mut all = true;
+        for dir in &self.dirs {
+            if self.watched {
+                let _ = w.unwatch(dir);
+            }
+            if let Err(e) = w.watch(dir, RecursiveMode::NonRecursive) {
+                tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the {} directory; relying on periodic re-reads until it is back", self.what);
+                all = false;
+            }
+        }
+        self.watched = all;
+    }
+
+    /// Wait until the files may have changed. Returns false once `stop` is
+    /// cancelled.
+    pub(crate) async fn changed(&mut self, stop: &CancellationToken) -> bool {
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return false,
+                event = self.rx.recv(), if self.events_open => {
+                    if event.is_none() {
+                        // The watcher is gone; the periodic re-read goes on.
+                        self.events_open = false;
+                        continue;
+                    }
+                    tokio::time::sleep(self.debounce).await;
+                    while self.rx.try_recv().is_ok() {}
+                    return true;
+                }
+                _ = self.tick.tick() => return true,
+            }
+        }
+    }
 }
 
 struct State {
@@ -66,61 +169,13 @@ struct State {
     /// Bytes of the last read, good or bad; `None` after a failed read.
     last_seen: Option<Vec<u8>>,
     control: Arc<Control>,
-    watcher: Option<notify::RecommendedWatcher>,
-    dir_watched: bool,
+    watch: DirWatch,
 }
 
 impl State {
-    async fn run(
-        mut self,
-        mut rx: mpsc::UnboundedReceiver<()>,
-        config: WatchConfig,
-        stop: CancellationToken,
-    ) {
-        let mut tick = tokio::time::interval(config.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await; // the first tick is immediate; start-up already read the file
-        let mut events_open = true;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                event = rx.recv(), if events_open => {
-                    if event.is_none() {
-                        // The watcher is gone; the periodic re-read goes on.
-                        events_open = false;
-                        continue;
-                    }
-                    tokio::time::sleep(config.debounce).await;
-                    while rx.try_recv().is_ok() {}
-                }
-                _ = tick.tick() => {}
-            }
+    async fn run(mut self, stop: CancellationToken) {
+        while self.watch.changed(&stop).await {
             self.check().await;
-        }
-    }
-
-    fn dir(&self) -> &Path {
-        match self.path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        }
-    }
-
-    /// (Re-)establish the directory watch. A deleted directory kills an
-    /// inotify watch, so after a failed read we watch again once it is back.
-    fn ensure_watch(&mut self) {
-        let dir = self.dir().to_owned();
-        if let Some(w) = self.watcher.as_mut() {
-            if self.dir_watched {
-                let _ = w.unwatch(&dir);
-            }
-            self.dir_watched = match w.watch(&dir, RecursiveMode::NonRecursive) {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the routes directory; relying on periodic re-reads until it is back");
-                    false
-                }
-            };
         }
     }
 
@@ -142,8 +197,8 @@ impl State {
             return;
         }
         let recovering = self.last_seen.is_none();
-        if recovering || !self.dir_watched {
-            self.ensure_watch();
+        if recovering || !self.watch.is_watching() {
+            self.watch.ensure();
         }
         let parsed = routes::parse(&bytes);
         self.last_seen = Some(bytes);

@@ -177,7 +177,7 @@ impl TestProxy {
         tune(&mut config);
         let traffic = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy = Proxy::start(config, Listeners { traffic: Some(traffic), admin }).await.expect("proxy starts");
+        let proxy = Proxy::start(config, Listeners { traffic: Some(traffic), admin, tls: None }).await.expect("proxy starts");
         TestProxy { addr: proxy.traffic_addr().unwrap(), admin: proxy.admin_addr(), config_map, proxy: Some(proxy) }
     }
 

@@ -1,0 +1,390 @@
+//! `canary-proxy check PATH`, the command an operator runs before
+//! `kubectl apply`: one file per validation rule, run through the real
+//! binary. A bad file exits 1 and stderr names the key and what is
+//! accepted; a good one exits 0 and prints the split and the policy.
+//!
+//! Assertions look for the key and a fragment of the hint, not the whole
+//! text, so the wording can improve without breaking them.
+
+use std::path::Path;
+use std::process::Command;
+
+struct Checked {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+fn check_path(path: &Path) -> Checked {
+    let out = Command::new(env!("CARGO_BIN_EXE_canary-proxy"))
+        .arg("check")
+        .arg(path)
+        .env("RUST_LOG", "off")
+        .output()
+        .expect("canary-proxy runs");
+    Checked {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+fn check(text: &str) -> Checked {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("routes.toml");
+    std::fs::write(&path, text).unwrap();
+    check_path(&path)
+}
+
+/// `text` is rejected with exit code 1, and stderr contains every fragment.
+#[track_caller]
+fn rejects(text: &str, fragments: &[&str]) {
+    let c = check(text);
+    assert_eq!(
+        c.code,
+        Some(1),
+        "exit code for:\n{text}\nstdout: {}\nstderr: {}",
+        c.stdout,
+        c.stderr
+    );
+    assert!(
+        c.stdout.is_empty(),
+        "nothing on stdout for a bad file: {}",
+        c.stdout
+    );
+    for f in fragments {
+        assert!(
+            c.stderr.contains(f),
+            "stderr lacks {f:?} for:\n{text}\nstderr: {}",
+            c.stderr
+        );
+    }
+}
+
+const STABLE: &str = "[versions.stable]\nupstream = \"http://127.0.0.1:18081\"\nweight = 90\n";
+
+fn with_rollback(rollback: &str) -> String {
+    format!("{STABLE}\n[rollback]\ntarget = \"stable\"\n{rollback}\n")
+}
+
+fn one_version(upstream: &str, weight: &str) -> String {
+    format!("[versions.canary]\nupstream = {upstream}\nweight = {weight}\n")
+}
+
+#[test]
+fn unknown_keys_are_named_with_a_suggestion_when_close() {
+    // Line 7 holds the typo.
+    rejects(
+        &format!(
+            "{STABLE}\n[versions.canary]\nupstream = \"http://127.0.0.1:18082\"\nwieght = 10\n"
+        ),
+        &[
+            "line 7",
+            "versions.canary.wieght",
+            "unknown key",
+            "did you mean `weight`",
+            "upstream, weight, rewrite_host",
+        ],
+    );
+    rejects(
+        &format!("{STABLE}\n[rolback]\ntarget = \"stable\"\n"),
+        &["`rolback`", "did you mean `rollback`", "versions, rollback"],
+    );
+    rejects(
+        &with_rollback("eror_rate = 0.1"),
+        &["rollback.eror_rate", "did you mean `error_rate`"],
+    );
+    // Nothing close: no suggestion, but the accepted keys are listed.
+    let c = check(&format!("{STABLE}colour = \"blue\"\n"));
+    assert_eq!(c.code, Some(1));
+    assert!(
+        c.stderr.contains("versions.stable.colour")
+            && c.stderr
+                .contains("accepted keys here: upstream, weight, rewrite_host"),
+        "{}",
+        c.stderr
+    );
+    assert!(
+        !c.stderr.contains("did you mean"),
+        "no far-fetched suggestion: {}",
+        c.stderr
+    );
+}
+
+#[test]
+fn versions_are_required_and_one_must_take_traffic() {
+    rejects(
+        "# a routes file\n[versions]\n",
+        &["`versions`", "no versions", "[versions.stable]"],
+    );
+    rejects("[versions.a]\nupstream = \"http://a:1\"\nweight = 0\n\n[versions.b]\nupstream = \"http://b:1\"\nweight = 0\n", &["`versions`", "all weights are zero", "above 0"]);
+}
+
+#[test]
+fn weights_must_be_non_negative_integers() {
+    rejects(
+        &one_version("\"http://a:1\"", "-5"),
+        &[
+            "line 3",
+            "versions.canary.weight",
+            "negative",
+            "non-negative integers",
+        ],
+    );
+    rejects(
+        &one_version("\"http://a:1\"", "2.5"),
+        &[
+            "versions.canary.weight",
+            "not an integer",
+            "non-negative integers",
+        ],
+    );
+    rejects(
+        &one_version("\"http://a:1\"", "\"10\""),
+        &["versions.canary.weight", "not an integer"],
+    );
+    rejects(
+        &one_version("\"http://a:1\"", "10000000000"),
+        &["versions.canary.weight", "too large", "1000000"],
+    );
+    rejects(
+        "[versions.canary]\nupstream = \"http://a:1\"\n",
+        &["versions.canary.weight", "missing", "weight = 10"],
+    );
+}
+
+#[test]
+fn upstreams_must_be_plain_http_base_urls() {
+    rejects(
+        &one_version("\"http://exa mple:80\"", "1"),
+        &[
+            "line 2",
+            "versions.canary.upstream",
+            "not a URL",
+            "http://ping-canary:8080",
+        ],
+    );
+    rejects(
+        &one_version("\"ping-canary:8080\"", "1"),
+        &[
+            "versions.canary.upstream",
+            "no scheme",
+            "http://ping-canary:8080",
+        ],
+    );
+    rejects(
+        &one_version("\"ftp://files:21\"", "1"),
+        &[
+            "versions.canary.upstream",
+            "`ftp` is not supported",
+            "only http://",
+        ],
+    );
+    rejects(
+        &one_version("\"https://ping-canary:8443\"", "1"),
+        &[
+            "versions.canary.upstream",
+            "https upstreams are not supported yet",
+            "use http://",
+        ],
+    );
+    rejects(
+        &one_version("\"http://ping-canary:8080/api\"", "1"),
+        &["versions.canary.upstream", "path", "base URL"],
+    );
+    rejects(
+        &one_version("8080", "1"),
+        &["versions.canary.upstream", "must be a string"],
+    );
+    rejects(
+        "[versions.canary]\nweight = 1\n",
+        &[
+            "versions.canary.upstream",
+            "missing",
+            "upstream = \"http://",
+        ],
+    );
+    rejects(
+        &format!(
+            "{}rewrite_host = \"yes\"\n",
+            one_version("\"http://a:1\"", "1")
+        ),
+        &["versions.canary.rewrite_host", "true or false"],
+    );
+}
+
+#[test]
+fn version_names_are_unique_dns_labels() {
+    rejects(
+        &one_version("\"http://a:1\"", "1").replace("canary", "Canary_V2"),
+        &[
+            "line 1",
+            "versions.Canary_V2",
+            "lowercase letters, digits and '-'",
+            "canary-v2",
+        ],
+    );
+    rejects(
+        &one_version("\"http://a:1\"", "1").replace("canary", "-canary"),
+        &["versions.-canary", "start and end with a letter or digit"],
+    );
+}
+
+#[test]
+fn duplicate_version_name_is_named() {
+    // The same [versions.NAME] table twice is a TOML duplicate. The message
+    // must give the line of the second one AND the name, so the operator
+    // knows which table to rename or merge.
+    rejects(
+        &format!(
+            "{}\n{}",
+            one_version("\"http://a:1\"", "1"),
+            one_version("\"http://b:1\"", "2")
+        ),
+        &["line 5", "duplicate", "canary"],
+    );
+}
+
+#[test]
+fn rollback_target_must_be_a_version() {
+    rejects(&format!("{STABLE}\n[versions.canary]\nupstream = \"http://a:1\"\nweight = 10\n\n[rollback]\ntarget = \"stabel\"\n"), &["line 10", "rollback.target", "`stabel` is not a version", "did you mean `stable`", "`stable`, `canary`"]);
+    rejects(
+        &format!("{STABLE}\n[rollback]\nerror_rate = 0.1\n"),
+        &["rollback.target", "missing", "`stable`"],
+    );
+}
+
+#[test]
+fn rollback_numbers_must_be_in_range() {
+    rejects(
+        &with_rollback("error_rate = 0"),
+        &["rollback.error_rate", "0 < x <= 1"],
+    );
+    rejects(
+        &with_rollback("error_rate = 1.5"),
+        &["rollback.error_rate", "1.5", "0 < x <= 1"],
+    );
+    rejects(
+        &with_rollback("min_requests = 0"),
+        &["rollback.min_requests", "integer >= 1"],
+    );
+    rejects(
+        &with_rollback("window = \"forever\""),
+        &["rollback.window", "\"1s\" to \"1h\""],
+    );
+    rejects(
+        &with_rollback("window = \"2h\""),
+        &["rollback.window", "\"1s\" to \"1h\""],
+    );
+    rejects(
+        &with_rollback("window = 30"),
+        &["rollback.window", "duration string"],
+    );
+    rejects(
+        &with_rollback("error_codes = [\"6xx\"]"),
+        &["rollback.error_codes", "\"5xx\""],
+    );
+    rejects(
+        &with_rollback("error_codes = []"),
+        &["rollback.error_codes", "empty"],
+    );
+    // Several problems at once are all reported, each with its line.
+    rejects(
+        &with_rollback("error_rate = 1.5\nmin_requests = 0\nwindow = \"0s\""),
+        &[
+            "line 7: `rollback.error_rate`",
+            "line 8: `rollback.min_requests`",
+            "line 9: `rollback.window`",
+        ],
+    );
+}
+
+#[test]
+fn unreadable_files_are_reported_with_where_to_look() {
+    rejects(
+        &format!("{STABLE}weight = = 3\n"),
+        &["line 4", "not valid TOML"],
+    );
+    rejects("", &["empty", "[versions.NAME]"]);
+    rejects("  \n\n", &["empty"]);
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-routes.toml");
+    let c = check_path(&missing);
+    assert_eq!(c.code, Some(1));
+    assert!(
+        c.stderr.contains("cannot read routes file")
+            && c.stderr.contains(&missing.display().to_string()),
+        "{}",
+        c.stderr
+    );
+}
+
+#[test]
+fn valid_file_prints_the_split_and_the_policy() {
+    let text = format!("{STABLE}\n[versions.canary]\nupstream = \"http://127.0.0.1:18082\"\nweight = 10\nrewrite_host = true\n\n[rollback]\ntarget = \"stable\"\nerror_rate = 0.1\nmin_requests = 20\nwindow = \"45s\"\nerror_codes = [\"5xx\", \"429\"]\n");
+    let c = check(&text);
+    assert_eq!(c.code, Some(0), "stderr: {}", c.stderr);
+    let stable = c
+        .stdout
+        .lines()
+        .find(|l| l.contains("stable") && l.contains("weight"))
+        .unwrap_or_else(|| panic!("a line for stable: {}", c.stdout));
+    assert!(
+        stable.contains("90.000%") && stable.contains("http://127.0.0.1:18081"),
+        "{stable}"
+    );
+    let canary = c
+        .stdout
+        .lines()
+        .find(|l| l.contains("canary") && l.contains("weight"))
+        .unwrap_or_else(|| panic!("a line for canary: {}", c.stdout));
+    assert!(
+        canary.contains("10.000%")
+            && canary.contains("http://127.0.0.1:18082")
+            && canary.contains("Host rewritten"),
+        "{canary}"
+    );
+    let rollback = c
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("rollback:"))
+        .unwrap_or_else(|| panic!("a rollback line: {}", c.stdout));
+    for f in ["`stable`", ">= 20 requests", "45s", "0.1", "5xx, 429"] {
+        assert!(
+            rollback.contains(f),
+            "rollback line lacks {f:?}: {rollback}"
+        );
+    }
+    // The hash printed is the one /status and the metrics show.
+    assert!(
+        c.stdout
+            .contains(&canary_proxy::routes::content_hash(text.as_bytes())),
+        "{}",
+        c.stdout
+    );
+
+    // 9999/1 and no [rollback]: the small share is shown, and rollback is off.
+    let c = check(&format!(
+        "{}\n[versions.canary]\nupstream = \"http://127.0.0.1:18082\"\nweight = 1\n",
+        STABLE.replace("= 90", "= 9999")
+    ));
+    assert_eq!(c.code, Some(0), "stderr: {}", c.stderr);
+    assert!(
+        c.stdout.contains("99.990%") && c.stdout.contains("0.010%"),
+        "{}",
+        c.stdout
+    );
+    assert!(c.stdout.contains("rollback: off"), "{}", c.stdout);
+}
+
+#[test]
+fn the_demo_routes_file_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/demo/routes.toml");
+    let c = check_path(&path);
+    assert_eq!(c.code, Some(0), "stderr: {}", c.stderr);
+    assert!(
+        c.stdout.contains("90.000%") && c.stdout.contains("10.000%"),
+        "{}",
+        c.stdout
+    );
+}

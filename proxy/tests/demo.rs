@@ -1,0 +1,100 @@
+//! `canary-proxy demo` from the workspace root, as the README tells a user
+//! to run it: it starts, serves pong on 127.0.0.1:8080 and prints its live
+//! view. This is the only test that uses the demo's fixed ports (8080, 9090,
+//! 18081, 18082).
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_serves_pong_on_8080_and_prints_live_lines() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_canary-proxy"))
+        .args(["demo", "--duration", "8s", "--traffic", "0"])
+        .current_dir(&root)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("canary-proxy demo starts");
+    let (stdout, stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    let mut guard = ChildGuard(Some(child));
+    let out = Arc::new(Mutex::new(Vec::<String>::new()));
+    let err = Arc::new(Mutex::new(Vec::<String>::new()));
+    for (pipe, sink) in [
+        (
+            Box::new(stdout) as Box<dyn std::io::Read + Send>,
+            out.clone(),
+        ),
+        (Box::new(stderr), err.clone()),
+    ] {
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
+        });
+    }
+
+    let addr = "127.0.0.1:8080".parse().unwrap();
+    let c = client();
+    let pong = eventually(
+        Duration::from_secs(20),
+        "the demo to answer GET /ping on 127.0.0.1:8080",
+        || {
+            if let Ok(Some(status)) = guard.0.as_mut().unwrap().try_wait() {
+                panic!(
+                    "demo exited early with {status}; stdout: {:?}; stderr: {:?}",
+                    out.lock().unwrap(),
+                    err.lock().unwrap()
+                );
+            }
+            let c = &c;
+            async move { get(c, addr, "/ping").await.ok().filter(|a| a.status == 200) }
+        },
+    )
+    .await;
+    assert_eq!(pong.body, "pong");
+    assert!(
+        matches!(pong.version(), "v1" | "v2"),
+        "answered by a demo backend: {:?}",
+        pong.version()
+    );
+
+    // The banner, then one live line per version per second; the request
+    // above shows up in the counts.
+    eventually(
+        Duration::from_secs(10),
+        "live lines for stable and canary on stdout",
+        || async {
+            let lines = out.lock().unwrap();
+            let live = |name: &str| {
+                lines.iter().any(|l| {
+                    l.starts_with('[')
+                        && l.contains(name)
+                        && l.contains("share")
+                        && l.contains("requests")
+                })
+            };
+            (live("stable") && live("canary")).then_some(())
+        },
+    )
+    .await;
+    let lines = out.lock().unwrap().clone();
+    assert!(
+        lines.iter().any(|l| l.contains("http://127.0.0.1:8080")),
+        "the banner names the proxy address: {lines:?}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains("config/demo/routes.toml")),
+        "the banner names the routes file to edit: {lines:?}"
+    );
+
+    // Stop it now rather than wait out --duration.
+    drop(guard);
+}

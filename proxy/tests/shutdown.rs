@@ -1,0 +1,117 @@
+//! Graceful shutdown of the real binary: SIGTERM with requests in flight
+//! loses none of them, keeps serving through the drain delay while
+//! `/readyz` says 503, and exits 0.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use http::StatusCode;
+
+const IN_FLIGHT: usize = 8;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_requests_in_flight_loses_none_and_exits_0() {
+    let latency = Duration::from_millis(500);
+    let b1 = backend("v1", 0.0, latency).await;
+    let b2 = backend("v2", 0.0, latency).await;
+    let cm = ConfigMapDir::new(&[(
+        "routes.toml",
+        routes(
+            &[("stable", b1.addr(), 50), ("canary", b2.addr(), 50)],
+            None,
+        )
+        .as_bytes(),
+    )]);
+    let mut proxy = spawn_proxy_binary(
+        &cm.path("routes.toml"),
+        &["--drain-delay", "1s", "--shutdown-timeout", "10s"],
+    );
+    let (addr, admin) = (proxy.addr, proxy.admin);
+    assert_eq!(
+        get(&client(), admin, "/readyz").await.unwrap().status,
+        StatusCode::OK,
+        "ready before SIGTERM"
+    );
+
+    // Several requests, each on a connection of its own, all held by the
+    // backends' latency.
+    let requests: Vec<_> = (0..IN_FLIGHT)
+        .map(|_| tokio::spawn(async move { get(&client(), addr, "/ping").await }))
+        .collect();
+    eventually(
+        Duration::from_secs(10),
+        "all requests to be in flight at the proxy",
+        || async {
+            let m = metrics(admin).await;
+            let in_flight: f64 = ["stable", "canary"]
+                .iter()
+                .filter_map(|v| sample(&m, "canary_proxy_in_flight_requests", &[("version", v)]))
+                .sum();
+            (in_flight as usize == IN_FLIGHT).then_some(())
+        },
+    )
+    .await;
+
+    proxy.child.signal("TERM");
+
+    // Readiness drops at once, so Kubernetes takes the pod out of the
+    // Service's endpoints...
+    eventually(
+        Duration::from_secs(5),
+        "/readyz to answer 503 after SIGTERM",
+        || async {
+            let a = get(&client(), admin, "/readyz").await.ok()?;
+            (a.status == StatusCode::SERVICE_UNAVAILABLE).then_some(())
+        },
+    )
+    .await;
+    // ...while traffic that still arrives, on a new connection, is served
+    // for the whole drain delay.
+    let late = get(&client(), addr, "/ping")
+        .await
+        .expect("a new connection is accepted during the drain delay");
+    assert_eq!((late.status.as_u16(), late.body.as_str()), (200, "pong"));
+    assert!(
+        proxy
+            .child
+            .0
+            .as_mut()
+            .unwrap()
+            .try_wait()
+            .unwrap()
+            .is_none(),
+        "still running during the drain delay"
+    );
+
+    // Every request that was in flight completes.
+    for r in requests {
+        let a = r
+            .await
+            .unwrap()
+            .expect("an in-flight request survives the shutdown");
+        assert_eq!((a.status.as_u16(), a.body.as_str()), (200, "pong"));
+        assert!(matches!(a.version(), "v1" | "v2"));
+    }
+
+    let status = eventually(Duration::from_secs(20), "the proxy to exit", || {
+        let exited = proxy.child.0.as_mut().unwrap().try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "clean exit; log: {:?}",
+        proxy.log.lock().unwrap()
+    );
+    // After exit, the traffic port no longer accepts.
+    assert!(
+        tokio::net::TcpStream::connect(addr).await.is_err(),
+        "listener closed after exit"
+    );
+
+    b1.shutdown().await.unwrap();
+    b2.shutdown().await.unwrap();
+}
