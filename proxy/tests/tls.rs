@@ -738,7 +738,7 @@ fn start_up_with_a_bad_certificate_or_key_fails_naming_the_file() {
     // Incomplete flags, and no listener at all.
     let (code, err) = start_up_failure(&[
         "--listen",
-        "127.0.0.1:0",
+        "none",
         "--admin-listen",
         "127.0.0.1:0",
         "--routes",
