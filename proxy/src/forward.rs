@@ -202,13 +202,20 @@ impl Forwarder {
         let mut outcome = self.send(upstream_req).await;
         let mut answered_by = index;
 
-        if let (Err(Failure::Connect(_)), Some((method, uri, headers, target))) = (&outcome, retry)
-        {
-            // Nothing of the request reached the failed version, so the
-            // target can answer it instead of the client seeing a 502. The
+        let retryable = match (&outcome, &retry) {
+            // Nothing of the request reached the failed version.
+            (Err(Failure::Connect(_)), Some(_)) => true,
+            // The connection died before a response head (a killed pod, a
+            // reset pooled connection). HTTP lets a client repeat an
+            // idempotent request (RFC 9110 9.2.2), and this one had no body.
+            (Err(Failure::Reset(_)), Some((method, ..))) => is_idempotent(method),
+            _ => false,
+        };
+        if let (true, Some((method, uri, headers, target))) = (retryable, retry) {
+            // The target answers instead of the client seeing a 502. The
             // failure still counts against the failed version.
             let failure = outcome.as_ref().err().unwrap();
-            tracing::warn!(version = %first.name, target = %snap.versions[target].name, error = %failure.describe(first), "connect failed; retrying on the rollback target");
+            tracing::warn!(version = %first.name, target = %snap.versions[target].name, error = %failure.describe(first), "upstream failed before answering; retrying once on the rollback target");
             self.record_failed_attempt(&snap, index, failure.kind());
             first.metrics.retries.inc();
             first.metrics.in_flight.dec();
@@ -379,6 +386,15 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in &HOP_BY_HOP {
         headers.remove(name);
     }
+}
+
+/// Methods a client may repeat without changing the outcome (RFC 9110 9.2.2).
+fn is_idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 fn is_upgrade<B>(req: &Request<B>) -> bool {

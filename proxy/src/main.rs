@@ -185,9 +185,13 @@ fn main() -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a person at a terminal: logs collected by Kubernetes
+    // (or read by tests) stay plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
 }
 
@@ -225,7 +229,8 @@ async fn bind(addr: SocketAddr, flag: &str) -> anyhow::Result<tokio::net::TcpLis
 }
 
 fn run(args: RunArgs) -> anyhow::Result<()> {
-    if args.listen.0 == Some(args.admin_listen) {
+    // Port 0 asks the kernel for a free port each, so two zeros never collide.
+    if args.listen.0 == Some(args.admin_listen) && args.admin_listen.port() != 0 {
         anyhow::bail!("--admin-listen {} is the traffic port too; the admin port must be separate so it is never exposed through the LoadBalancer", args.admin_listen);
     }
     let tls_listen = args.tls_listen;

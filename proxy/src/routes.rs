@@ -227,12 +227,12 @@ pub fn parse(bytes: &[u8]) -> Result<RouteTable, Vec<Problem>> {
         }]);
     }
     let lines = LineIndex::new(text);
-    let doc = toml::de::DeTable::parse(text).map_err(|e| vec![toml_problem(&lines, &e)])?;
+    let doc = toml::de::DeTable::parse(text).map_err(|e| vec![toml_problem(text, &lines, &e)])?;
     let unknown = unknown_keys(doc.get_ref(), &lines);
     if !unknown.is_empty() {
         return Err(unknown);
     }
-    let raw: RawRoutes = toml::from_str(text).map_err(|e| vec![toml_problem(&lines, &e)])?;
+    let raw: RawRoutes = toml::from_str(text).map_err(|e| vec![toml_problem(text, &lines, &e)])?;
     let mut table = validate(raw, &lines)?;
     table.hash = content_hash(bytes);
     Ok(table)
@@ -661,13 +661,23 @@ fn suggest<'a>(written: &str, known: impl Iterator<Item = &'a str>) -> String {
         .unwrap_or_default()
 }
 
-fn toml_problem(lines: &LineIndex, e: &toml::de::Error) -> Problem {
+/// A TOML syntax error, with the offending line quoted: the parser's
+/// message alone ("duplicate key") does not say which key.
+fn toml_problem(text: &str, lines: &LineIndex, e: &toml::de::Error) -> Problem {
     let line = e.span().map(|s| lines.line_of(s.start));
-    Problem {
-        key: String::new(),
-        line,
-        message: format!("not valid TOML: {}", e.message().trim()),
-    }
+    let quoted = line
+        .and_then(|l| text.lines().nth(l - 1))
+        .map(|l| l.trim())
+        .filter(|l| !l.is_empty())
+        .map(|l| format!(" in `{l}`"))
+        .unwrap_or_default();
+    let reason = e.message().trim();
+    let hint = if reason.contains("duplicate") {
+        "; each [versions.NAME] table and each key may appear once: rename or merge the two"
+    } else {
+        "; see docs/routes.md for the accepted form"
+    };
+    Problem { key: String::new(), line, message: format!("not valid TOML: {reason}{quoted}{hint}") }
 }
 
 /// Byte offset -> 1-based line number.

@@ -30,7 +30,9 @@ pub fn client() -> TestClient {
 
 /// An h2c client (HTTP/2 with prior knowledge).
 pub fn h2c_client() -> TestClient {
-    Client::builder(TokioExecutor::new()).http2_only(true).build_http()
+    Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
 }
 
 #[derive(Debug)]
@@ -43,7 +45,10 @@ pub struct Answer {
 impl Answer {
     /// Which ping backend answered (`x-ping-version`), or "" for the proxy.
     pub fn version(&self) -> &str {
-        self.headers.get("x-ping-version").and_then(|v| v.to_str().ok()).unwrap_or("")
+        self.headers
+            .get("x-ping-version")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
     }
 }
 
@@ -52,7 +57,11 @@ pub async fn get(client: &TestClient, addr: SocketAddr, path: &str) -> Result<An
     let resp = client.request(req).await?;
     let (parts, body) = resp.into_parts();
     let body = body.collect().await?.to_bytes();
-    Ok(Answer { status: parts.status, headers: parts.headers, body: String::from_utf8_lossy(&body).into_owned() })
+    Ok(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
 }
 
 /// Poll `f` until it returns `Some`, or panic with `what` after `timeout`.
@@ -67,15 +76,26 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
 /// A ping backend on 127.0.0.1:0 with no drain delay.
 pub async fn backend(version: &str, error_rate: f64, latency: Duration) -> ping_backend::Handle {
-    let config = ping_backend::Config { version: version.into(), error_rate, latency, drain_delay: Duration::ZERO, shutdown_timeout: Duration::from_secs(5) };
-    ping_backend::spawn("127.0.0.1:0", config).await.expect("backend starts")
+    let config = ping_backend::Config {
+        version: version.into(),
+        error_rate,
+        latency,
+        drain_delay: Duration::ZERO,
+        shutdown_timeout: Duration::from_secs(5),
+    };
+    ping_backend::spawn("127.0.0.1:0", config)
+        .await
+        .expect("backend starts")
 }
 
 /// Routes text for `(name, addr, weight)` versions, with an optional
@@ -83,7 +103,9 @@ pub async fn backend(version: &str, error_rate: f64, latency: Duration) -> ping_
 pub fn routes(versions: &[(&str, SocketAddr, u64)], rollback: Option<&str>) -> String {
     let mut out = String::new();
     for (name, addr, weight) in versions {
-        out.push_str(&format!("[versions.{name}]\nupstream = \"http://{addr}\"\nweight = {weight}\n\n"));
+        out.push_str(&format!(
+            "[versions.{name}]\nupstream = \"http://{addr}\"\nweight = {weight}\n\n"
+        ));
     }
     if let Some(r) = rollback {
         out.push_str("[rollback]\n");
@@ -112,7 +134,11 @@ static TS: AtomicU64 = AtomicU64::new(0);
 impl ConfigMapDir {
     pub fn new(files: &[(&str, &[u8])]) -> Self {
         let temp = tempfile::tempdir().expect("temp dir");
-        let mut cm = ConfigMapDir { dir: temp.path().to_owned(), current: None, _temp: Some(temp) };
+        let mut cm = ConfigMapDir {
+            dir: temp.path().to_owned(),
+            current: None,
+            _temp: Some(temp),
+        };
         cm.update(files);
         for (key, _) in files {
             std::os::unix::fs::symlink(format!("..data/{key}"), cm.dir.join(key)).unwrap();
@@ -127,7 +153,10 @@ impl ConfigMapDir {
     /// One atomic update (see the type's docs). Returns the instant of the
     /// rename, the moment a watcher can first see the new content.
     pub fn update(&mut self, files: &[(&str, &[u8])]) -> Instant {
-        let ts = format!("..2026_11_21_12_00_00.{}", TS.fetch_add(1, Ordering::Relaxed));
+        let ts = format!(
+            "..2026_11_21_12_00_00.{}",
+            TS.fetch_add(1, Ordering::Relaxed)
+        );
         let new_dir = self.dir.join(&ts);
         std::fs::create_dir(&new_dir).unwrap();
         for (key, content) in files {
@@ -171,14 +200,38 @@ impl TestProxy {
 
     pub async fn start_with(routes: &str, tune: impl FnOnce(&mut RunConfig)) -> Self {
         let config_map = ConfigMapDir::new(&[("routes.toml", routes.as_bytes())]);
-        let mut config = RunConfig::new(config_map.path("routes.toml"));
+        let path = config_map.path("routes.toml");
+        Self::start_at(config_map, &path, tune).await
+    }
+
+    /// Start on a routes file at `path` (which need not be in `config_map`).
+    pub async fn start_at(
+        config_map: ConfigMapDir,
+        path: &Path,
+        tune: impl FnOnce(&mut RunConfig),
+    ) -> Self {
+        let mut config = RunConfig::new(path);
         config.drain_delay = Duration::ZERO;
         config.shutdown_timeout = Duration::from_secs(5);
         tune(&mut config);
         let traffic = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let proxy = Proxy::start(config, Listeners { traffic: Some(traffic), admin, tls: None }).await.expect("proxy starts");
-        TestProxy { addr: proxy.traffic_addr().unwrap(), admin: proxy.admin_addr(), config_map, proxy: Some(proxy) }
+        let proxy = Proxy::start(
+            config,
+            Listeners {
+                traffic: Some(traffic),
+                admin,
+                tls: None,
+            },
+        )
+        .await
+        .expect("proxy starts");
+        TestProxy {
+            addr: proxy.traffic_addr().unwrap(),
+            admin: proxy.admin_addr(),
+            config_map,
+            proxy: Some(proxy),
+        }
     }
 
     pub fn proxy(&self) -> &Proxy {
@@ -186,7 +239,8 @@ impl TestProxy {
     }
 
     pub fn set_routes(&mut self, routes: &str) -> Instant {
-        self.config_map.update(&[("routes.toml", routes.as_bytes())])
+        self.config_map
+            .update(&[("routes.toml", routes.as_bytes())])
     }
 
     pub async fn status(&self) -> serde_json::Value {
@@ -205,13 +259,17 @@ impl TestProxy {
 }
 
 pub async fn status(admin: SocketAddr) -> serde_json::Value {
-    let a = get(&client(), admin, "/status").await.expect("status answers");
+    let a = get(&client(), admin, "/status")
+        .await
+        .expect("status answers");
     assert_eq!(a.status, StatusCode::OK);
     serde_json::from_str(&a.body).expect("status is JSON")
 }
 
 pub async fn metrics(admin: SocketAddr) -> String {
-    let a = get(&client(), admin, "/metrics").await.expect("metrics answer");
+    let a = get(&client(), admin, "/metrics")
+        .await
+        .expect("metrics answer");
     assert_eq!(a.status, StatusCode::OK);
     a.body
 }
@@ -219,25 +277,33 @@ pub async fn metrics(admin: SocketAddr) -> String {
 /// The value of one sample in a text exposition, by metric name and the
 /// exact set of labels, e.g. `sample(&text, "canary_proxy_requests_total", &[("version","canary"),("code","500")])`.
 pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    text.lines().filter(|l| !l.starts_with('#')).find_map(|line| {
-        let (series, value) = line.rsplit_once(' ')?;
-        let (metric, label_text) = match series.split_once('{') {
-            Some((m, rest)) => (m, rest.strip_suffix('}')?),
-            None => (series, ""),
-        };
-        if metric != name {
-            return None;
-        }
-        let mut found: Vec<(String, String)> = label_text
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .filter_map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string())))
-            .collect();
-        let mut want: Vec<(String, String)> = labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        found.sort();
-        want.sort();
-        (found == want).then(|| value.parse().ok()).flatten()
-    })
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (metric, label_text) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.strip_suffix('}')?),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let mut found: Vec<(String, String)> = label_text
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .filter_map(|kv| {
+                    kv.split_once('=')
+                        .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+                })
+                .collect();
+            let mut want: Vec<(String, String)> = labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            found.sort();
+            want.sort();
+            (found == want).then(|| value.parse().ok()).flatten()
+        })
 }
 
 /// Kills the child when dropped, so a failing test leaves no process behind.
@@ -249,7 +315,12 @@ impl ChildGuard {
     }
 
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").arg(format!("-{sig}")).arg(self.id().to_string()).status().expect("kill runs").success();
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.id().to_string())
+            .status()
+            .expect("kill runs")
+            .success();
         assert!(ok, "kill -{sig} failed");
     }
 
@@ -260,15 +331,24 @@ impl ChildGuard {
             if let Some(status) = self.0.as_mut().unwrap().try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "process did not exit within {timeout:?}");
+            assert!(
+                Instant::now() < deadline,
+                "process did not exit within {timeout:?}"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
 
     /// Resident set size in bytes, from /proc.
     pub fn rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.id())).unwrap_or_default();
-        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok()).map(|kb| kb * 1024).unwrap_or(0)
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+            .unwrap_or(0)
     }
 }
 
@@ -291,15 +371,25 @@ pub struct ProxyProcess {
 }
 
 pub fn spawn_proxy_binary(routes: &Path, extra: &[&str]) -> ProxyProcess {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_canary-proxy"))
-        .args(["run", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0", "--routes"])
-        .arg(routes)
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("canary-proxy starts");
+    let mut child = Command::new(match option_env!("CARGO_BIN_EXE_canary-proxy") {
+        Some(path) => path,
+        None => panic!("only integration tests can run the binary; examples cannot"),
+    })
+    .args([
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--routes",
+    ])
+    .arg(routes)
+    .args(extra)
+    .env("RUST_LOG", "info")
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("canary-proxy starts");
     let stderr = child.stderr.take().unwrap();
     let guard = ChildGuard(Some(child));
     let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -314,13 +404,100 @@ pub fn spawn_proxy_binary(routes: &Path, extra: &[&str]) -> ProxyProcess {
     let (mut addr, mut admin) = (None, None);
     let deadline = Instant::now() + Duration::from_secs(20);
     while addr.is_none() || admin.is_none() {
-        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).unwrap_or_else(|_| panic!("proxy did not report its addresses; log: {:?}", log.lock().unwrap()));
-        let found = line.split_whitespace().find_map(|w| w.strip_prefix("addr=")).and_then(|a| a.parse::<SocketAddr>().ok());
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "proxy did not report its addresses; log: {:?}",
+                    log.lock().unwrap()
+                )
+            });
+        let found = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("addr="))
+            .and_then(|a| a.parse::<SocketAddr>().ok());
         if line.contains("serving traffic") {
             addr = found;
         } else if line.contains("serving admin") {
             admin = found;
         }
     }
-    ProxyProcess { child: guard, addr: addr.unwrap(), admin: admin.unwrap(), log }
+    ProxyProcess {
+        child: guard,
+        addr: addr.unwrap(),
+        admin: admin.unwrap(),
+        log,
+    }
+}
+
+/// Versions that answered a run of sequential requests, in order.
+pub async fn versions_of(client: &TestClient, addr: SocketAddr, n: usize) -> Vec<String> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let a = get(client, addr, "/ping").await.expect("request succeeds");
+        assert_eq!(a.status, StatusCode::OK, "unexpected answer: {a:?}");
+        out.push(a.version().to_owned());
+    }
+    out
+}
+
+/// Background load: `tasks` clients sending GET /ping in a loop until
+/// stopped, at most `max_requests` in all and never past `limit`.
+/// Returns (requests, failures, first failure) when stopped.
+pub struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handles: Vec<tokio::task::JoinHandle<(u64, u64, Option<String>)>>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, tasks: usize, max_requests: u64, limit: Duration) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let deadline = Instant::now() + limit;
+        let per_task = max_requests / tasks as u64;
+        let handles = (0..tasks)
+            .map(|_| {
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let c = client();
+                    let (mut n, mut failed, mut first) = (0u64, 0u64, None);
+                    while !stop.load(Ordering::Relaxed) && n < per_task && Instant::now() < deadline
+                    {
+                        n += 1;
+                        match get(&c, addr, "/ping").await {
+                            Ok(a) if a.status == StatusCode::OK => {}
+                            other => {
+                                failed += 1;
+                                first.get_or_insert_with(|| format!("{other:?}"));
+                            }
+                        }
+                    }
+                    (n, failed, first)
+                })
+            })
+            .collect();
+        Load { stop, handles }
+    }
+
+    /// Wait for every client to reach its request budget (or the limit).
+    pub async fn finish_when_done(self) -> (u64, u64, Option<String>) {
+        self.collect().await
+    }
+
+    pub async fn finish(self) -> (u64, u64, Option<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.collect().await
+    }
+
+    async fn collect(self) -> (u64, u64, Option<String>) {
+        let mut total = (0, 0, None);
+        for h in self.handles {
+            let (n, f, first) = h.await.unwrap();
+            total.0 += n;
+            total.1 += f;
+            if total.2.is_none() {
+                total.2 = first;
+            }
+        }
+        total
+    }
 }
