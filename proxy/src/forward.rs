@@ -51,11 +51,21 @@ impl Default for ForwardConfig {
     }
 }
 
-/// Where a request came from, for `X-Forwarded-*`.
-#[derive(Debug, Clone, Copy)]
+/// Where a request came from, for `X-Forwarded-*`. Built once per
+/// connection, so keep-alive requests do not re-format the address.
+#[derive(Debug, Clone)]
 pub struct ConnInfo {
     pub peer: SocketAddr,
     pub tls: bool,
+    peer_ip: HeaderValue,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, tls: bool) -> Self {
+        let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
+            .expect("an IP address is a valid header value");
+        ConnInfo { peer, tls, peer_ip }
+    }
 }
 
 pub struct Forwarder {
@@ -170,7 +180,7 @@ impl Forwarder {
         let original_host = host_of(&parts.headers, &parts.uri);
         prepare_headers(
             &mut parts.headers,
-            conn,
+            &conn,
             original_host.as_ref(),
             upgrade.is_some(),
         );
@@ -421,7 +431,7 @@ fn host_of(headers: &HeaderMap, uri: &Uri) -> Option<HeaderValue> {
 
 fn prepare_headers(
     headers: &mut HeaderMap,
-    conn: ConnInfo,
+    conn: &ConnInfo,
     host: Option<&HeaderValue>,
     upgrade: bool,
 ) {
@@ -439,12 +449,11 @@ fn prepare_headers(
     }
     // Append, so a chain of proxies keeps its history (the client's claim
     // stays first; the address we saw is last and the one to trust).
-    let peer = conn.peer.ip().to_string();
     let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => format!("{prev}, {peer}"),
-        None => peer,
+        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", conn.peer.ip())).ok(),
+        None => Some(conn.peer_ip.clone()),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR, v);
     }
     headers.insert(
@@ -468,13 +477,16 @@ fn build_request(
     host: Option<&HeaderValue>,
     body: UpstreamBody,
 ) -> Request<UpstreamBody> {
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-    let upstream_uri = Uri::builder()
-        .scheme(version.scheme.clone())
-        .authority(version.authority.clone())
-        .path_and_query(path)
-        .build()
-        .unwrap_or_else(|_| uri.clone());
+    // Reuse the parsed path instead of formatting and re-parsing a URI.
+    let mut parts = http::uri::Parts::default();
+    parts.scheme = Some(version.scheme.clone());
+    parts.authority = Some(version.authority.clone());
+    parts.path_and_query = Some(
+        uri.path_and_query()
+            .cloned()
+            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+    );
+    let upstream_uri = Uri::from_parts(parts).unwrap_or_else(|_| uri.clone());
     // Host as the client sent it, unless the version asks for rewriting.
     let host = if version.rewrite_host {
         Some(&version.authority_header)
@@ -620,13 +632,10 @@ mod tests {
     fn forwarded_for_is_appended() {
         let mut h = HeaderMap::new();
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
-        let conn = ConnInfo {
-            peer: "127.0.0.7:5000".parse().unwrap(),
-            tls: false,
-        };
+        let conn = ConnInfo::new("127.0.0.7:5000".parse().unwrap(), false);
         prepare_headers(
             &mut h,
-            conn,
+            &conn,
             Some(&HeaderValue::from_static("example.com")),
             false,
         );

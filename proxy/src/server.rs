@@ -95,10 +95,7 @@ pub async fn serve<A: Acceptor>(
             }
         };
         let _ = stream.set_nodelay(true);
-        let info = ConnInfo {
-            peer,
-            tls: acceptor.is_tls(),
-        };
+        let info = ConnInfo::new(peer, acceptor.is_tls());
         tokio::spawn(connection(
             stream,
             info,
@@ -126,8 +123,10 @@ async fn connection<A: Acceptor>(
             return;
         }
     };
+    let peer = info.peer;
     let service = service_fn(move |req| {
         let forwarder = forwarder.clone();
+        let info = info.clone();
         async move { Ok::<_, Infallible>(forwarder.handle(req, info).await) }
     });
     let conn = builder
@@ -136,6 +135,6 @@ async fn connection<A: Acceptor>(
     if let Err(e) = watcher.watch(conn).await {
         // Client-side trouble (malformed request, reset, timeout). hyper
         // has already answered 400/431 where HTTP allows an answer.
-        tracing::debug!(peer = %info.peer, error = %e, "client connection ended with an error");
+        tracing::debug!(%peer, error = %e, "client connection ended with an error");
     }
 }
