@@ -677,7 +677,11 @@ fn toml_problem(text: &str, lines: &LineIndex, e: &toml::de::Error) -> Problem {
     } else {
         "; see docs/routes.md for the accepted form"
     };
-    Problem { key: String::new(), line, message: format!("not valid TOML: {reason}{quoted}{hint}") }
+    Problem {
+        key: String::new(),
+        line,
+        message: format!("not valid TOML: {reason}{quoted}{hint}"),
+    }
 }
 
 /// Byte offset -> 1-based line number.
