@@ -244,6 +244,14 @@ impl Forwarder {
         }
 
         let version = &snap.versions[answered_by];
+        let observation = |status: StatusCode, error: bool| Observation {
+            snap: snap.clone(),
+            control: self.control.clone(),
+            index: answered_by,
+            status: status.as_u16(),
+            start,
+            error,
+        };
         match outcome {
             Ok(mut resp) => {
                 let status = resp.status();
@@ -264,14 +272,7 @@ impl Forwarder {
                 } else {
                     strip_hop_by_hop(resp.headers_mut());
                 }
-                let obs = Observation {
-                    snap: snap.clone(),
-                    control: self.control.clone(),
-                    index: answered_by,
-                    status: status.as_u16(),
-                    start,
-                    error,
-                };
+                let obs = observation(status, error);
                 resp.map(|b| ObservedBody {
                     inner: Either::Left(b),
                     obs: Some(obs),
@@ -282,17 +283,9 @@ impl Forwarder {
                 tracing::warn!(version = %version.name, kind = failure.kind().as_str(), error = %message, "upstream request failed");
                 version.metrics.upstream_error(failure.kind());
                 let status = failure.status();
-                let obs = Observation {
-                    snap: snap.clone(),
-                    control: self.control.clone(),
-                    index: answered_by,
-                    status: status.as_u16(),
-                    start,
-                    error: true,
-                };
                 let mut resp = Response::new(ObservedBody {
                     inner: Either::Right(Full::new(Bytes::from(format!("{status}: {message}\n")))),
-                    obs: Some(obs),
+                    obs: Some(observation(status, true)),
                 });
                 *resp.status_mut() = status;
                 resp.headers_mut().insert(

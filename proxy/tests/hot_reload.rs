@@ -296,11 +296,8 @@ async fn identical_content_is_not_reapplied() {
     proxy.shutdown().await;
 }
 
-#[test]
-fn start_up_with_a_missing_or_invalid_routes_file_is_fatal_and_says_why() {
-    let dir = tempfile::tempdir().unwrap();
-    let missing = dir.path().join("nope.toml");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_canary-proxy"))
+fn run_with_routes(routes: &std::path::Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_canary-proxy"))
         .args([
             "run",
             "--listen",
@@ -309,9 +306,16 @@ fn start_up_with_a_missing_or_invalid_routes_file_is_fatal_and_says_why() {
             "127.0.0.1:0",
             "--routes",
         ])
-        .arg(&missing)
+        .arg(routes)
         .output()
-        .unwrap();
+        .unwrap()
+}
+
+#[test]
+fn start_up_with_a_missing_or_invalid_routes_file_is_fatal_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope.toml");
+    let out = run_with_routes(&missing);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -327,18 +331,7 @@ fn start_up_with_a_missing_or_invalid_routes_file_is_fatal_and_says_why() {
         "[versions.stable]\nupstream = \"http://127.0.0.1:1\"\nweight = -1\n",
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_canary-proxy"))
-        .args([
-            "run",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--routes",
-        ])
-        .arg(&bad)
-        .output()
-        .unwrap();
+    let out = run_with_routes(&bad);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -100,27 +100,23 @@ async fn a_known_mix_of_requests_is_counted_exactly_per_version_and_code() {
         Some(0.0)
     );
     assert_eq!(
-        sample(
+        by_version(
             &text,
             "canary_proxy_request_duration_seconds_count",
-            &[("version", "canary")]
+            "canary"
         ),
         Some(20.0)
     );
     assert_eq!(
-        sample(
-            &text,
-            "canary_proxy_in_flight_requests",
-            &[("version", "stable")]
-        ),
+        by_version(&text, "canary_proxy_in_flight_requests", "stable"),
         Some(0.0)
     );
     assert_eq!(
-        sample(&text, "canary_proxy_weight", &[("version", "broken")]),
+        by_version(&text, "canary_proxy_weight", "broken"),
         Some(1.0)
     );
     assert_eq!(
-        sample(&text, "canary_proxy_weight", &[("version", "stable")]),
+        by_version(&text, "canary_proxy_weight", "stable"),
         Some(0.0)
     );
     assert_eq!(
@@ -174,7 +170,7 @@ async fn error_ratio_gauges_follow_the_rollback_window() {
     versions_of_any(&proxy, 10).await;
     let text = proxy.metrics().await;
     assert_eq!(
-        sample(&text, "canary_proxy_error_ratio", &[("version", "canary")]),
+        by_version(&text, "canary_proxy_error_ratio", "canary"),
         Some(1.0)
     );
     assert_eq!(

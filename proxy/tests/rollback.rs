@@ -73,35 +73,19 @@ async fn a_bad_canary_is_cut_off_and_stable_takes_everything() {
     assert!(reason.contains("above threshold 0.1"), "{reason}");
     let text = proxy.metrics().await;
     assert_eq!(
-        sample(
-            &text,
-            "canary_proxy_rollbacks_total",
-            &[("version", "canary")]
-        ),
+        by_version(&text, "canary_proxy_rollbacks_total", "canary"),
         Some(1.0)
     );
     assert_eq!(
-        sample(
-            &text,
-            "canary_proxy_rollback_active",
-            &[("version", "canary")]
-        ),
+        by_version(&text, "canary_proxy_rollback_active", "canary"),
         Some(1.0)
     );
     assert_eq!(
-        sample(
-            &text,
-            "canary_proxy_effective_weight",
-            &[("version", "canary")]
-        ),
+        by_version(&text, "canary_proxy_effective_weight", "canary"),
         Some(0.0)
     );
     assert_eq!(
-        sample(
-            &text,
-            "canary_proxy_effective_weight",
-            &[("version", "stable")]
-        ),
+        by_version(&text, "canary_proxy_effective_weight", "stable"),
         Some(1.0)
     );
     proxy.shutdown().await;
@@ -126,11 +110,7 @@ async fn a_healthy_canary_stays_over_twenty_thousand_requests() {
     // 100 the chance of 6+ errors in 100 requests at p = 0.01 is 6e-4, and
     // it only falls as the window fills.
     assert_eq!(
-        sample(
-            &text,
-            "canary_proxy_rollbacks_total",
-            &[("version", "canary")]
-        ),
+        by_version(&text, "canary_proxy_rollbacks_total", "canary"),
         Some(0.0)
     );
     let canary_500 = sample(
@@ -293,13 +273,7 @@ async fn a_killed_canary_is_invisible_to_clients() {
     );
     let text = proxy.metrics().await;
     assert!(
-        sample(
-            &text,
-            "canary_proxy_retries_total",
-            &[("version", "canary")]
-        )
-        .unwrap()
-            >= 1.0,
+        by_version(&text, "canary_proxy_retries_total", "canary").unwrap() >= 1.0,
         "requests that hit the dead canary were retried on stable"
     );
     let canary_errors: f64 = ["connect", "reset"]
@@ -396,27 +370,15 @@ async fn the_latch_survives_unrelated_reloads_and_resets_when_the_canary_entry_c
     );
     let text = proxy.metrics().await;
     assert_eq!(
-        sample(
-            &text,
-            "canary_proxy_rollback_resets_total",
-            &[("version", "canary")]
-        ),
+        by_version(&text, "canary_proxy_rollback_resets_total", "canary"),
         Some(1.0)
     );
     assert_eq!(
-        sample(
-            &text,
-            "canary_proxy_rollback_active",
-            &[("version", "canary")]
-        ),
+        by_version(&text, "canary_proxy_rollback_active", "canary"),
         Some(0.0)
     );
     assert_eq!(
-        sample(
-            &text,
-            "canary_proxy_rollbacks_total",
-            &[("version", "canary")]
-        ),
+        by_version(&text, "canary_proxy_rollbacks_total", "canary"),
         Some(1.0)
     );
     proxy.shutdown().await;
@@ -441,16 +403,12 @@ async fn a_failing_target_is_never_rolled_back_but_its_ratio_is_exposed() {
     );
     let text = proxy.metrics().await;
     assert_eq!(
-        sample(&text, "canary_proxy_error_ratio", &[("version", "stable")]),
+        by_version(&text, "canary_proxy_error_ratio", "stable"),
         Some(1.0),
         "alerts can fire on the target's ratio"
     );
     assert_eq!(
-        sample(
-            &text,
-            "canary_proxy_rollbacks_total",
-            &[("version", "stable")]
-        ),
+        by_version(&text, "canary_proxy_rollbacks_total", "stable"),
         Some(0.0)
     );
     proxy.shutdown().await;

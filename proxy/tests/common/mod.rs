@@ -501,3 +501,8 @@ impl Load {
         total
     }
 }
+
+/// `sample` for the common case of a metric labelled by version only.
+pub fn by_version(text: &str, name: &str, version: &str) -> Option<f64> {
+    sample(text, name, &[("version", version)])
+}
