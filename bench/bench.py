@@ -1,0 +1,902 @@
+#!/usr/bin/env python3
+"""canary-proxy against HAProxy and NGINX: same split, same upstreams, same
+load, same machine, one run. Called by `bench/run` (which installs the tools
+and builds the binaries); see docs/performance.md for the method.
+
+Only loopback traffic; every load is bounded in time; every process started
+here is stopped on exit (also on Ctrl-C, SIGTERM and errors).
+"""
+import argparse
+import atexit
+import datetime
+import math
+import os
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+LUA = os.path.join(HERE, "count.lua")
+IDLE = os.path.join(HERE, "idle_conns.py")
+
+# The pinning every system gets: upstreams and the system under test on core
+# 0, the load generator alone on core 1 (the issue's reference setup).
+SUT_CPUS_1 = "0"
+SUT_CPUS_2 = "0,1"  # second figure: two worker threads, both cores
+UPSTREAM_CPUS = "0"
+LOAD_CPUS = "1"
+CONNECTIONS = 64
+WRK_THREADS = 2
+STABLE_SHARE = 0.9
+
+
+def log(msg):
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# processes
+
+
+class Procs:
+    """Every process this run started, so all of them are stopped at exit."""
+
+    def __init__(self, workdir):
+        self.workdir = workdir
+        self.live = []
+
+    def start(self, name, argv, cpus, env=None, stdin=None):
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        out = open(os.path.join(self.workdir, f"{name}.log"), "ab")
+        cmd = ["taskset", "-c", cpus] + argv if cpus else argv
+        p = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=stdin or subprocess.DEVNULL,
+                             env=full_env, start_new_session=True)
+        p.bench_name = name
+        self.live.append(p)
+        return p
+
+    def stop(self, p, grace=3.0):
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)  # its own session: our process and its children only
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(grace)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait(5)
+        # nginx/haproxy workers may outlive a master that already exited.
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if p in self.live:
+            self.live.remove(p)
+
+    def stop_all(self):
+        for p in list(reversed(self.live)):
+            self.stop(p)
+
+    def log_tail(self, name, n=20):
+        try:
+            with open(os.path.join(self.workdir, f"{name}.log"), "rb") as f:
+                return b"\n".join(f.read().splitlines()[-n:]).decode(errors="replace")
+        except OSError:
+            return "(no log)"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url, timeout=2.0):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, dict(r.headers), r.read()
+
+
+def wait_ready(url, procs, p, deadline_s=30.0):
+    """Poll until `url` answers 200 (no fixed sleeps)."""
+    end = time.monotonic() + deadline_s
+    last = None
+    while time.monotonic() < end:
+        if p is not None and p.poll() is not None:
+            raise RuntimeError(f"{p.bench_name} exited with {p.returncode}:\n{procs.log_tail(p.bench_name)}")
+        try:
+            status, _, _ = http_get(url, 1.0)
+            if status == 200:
+                return
+            last = f"status {status}"
+        except Exception as e:  # noqa: BLE001
+            last = e
+        time.sleep(0.05)
+    name = p.bench_name if p is not None else url
+    raise RuntimeError(f"{name} not ready at {url} after {deadline_s}s: {last}\n"
+                       + (procs.log_tail(p.bench_name) if p is not None else ""))
+
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+IDLE_SETTLE = 2.0  # seconds between the last idle connection opening and reading RSS
+
+
+def cpu_seconds(pids):
+    """(user, system) CPU time of these processes (all their threads), in seconds."""
+    user = system = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            user += int(fields[11])
+            system += int(fields[12])
+        except (OSError, IndexError, ValueError):
+            pass
+    return user / CLK_TCK, system / CLK_TCK
+
+
+def children(pid):
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            out.append(int(entry))
+    return out
+
+
+def proc_kb(pid, field):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+# --------------------------------------------------------------------------
+# systems under test
+
+
+class System:
+    """One system under test: how to start it and which PIDs serve traffic."""
+
+    def __init__(self, key, label):
+        self.key = key
+        self.label = label
+        self.proc = None
+        self.url = None
+
+    def serving_pids(self):
+        """PIDs whose memory is the system's (workers, not a master)."""
+        return [self.proc.pid] if self.proc else []
+
+    def rss_kb(self, field="VmHWM"):
+        vals = [proc_kb(pid, field) for pid in self.serving_pids()]
+        vals = [v for v in vals if v is not None]
+        return sum(vals) if vals else None
+
+
+class CanaryProxy(System):
+    def __init__(self, bench, threads, cpus, tls=None):
+        super().__init__("canary-proxy", "canary-proxy")
+        self.bench, self.threads, self.cpus, self.tls = bench, threads, cpus, tls
+
+    def start(self, procs):
+        b = self.bench
+        port, admin = free_port(), free_port()
+        argv = [b.proxy_bin, "run", "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
+                "--routes", b.routes_file, "--threads", str(self.threads),
+                "--drain-delay", "0s", "--shutdown-timeout", "1s"]
+        if self.tls:
+            tls_port = free_port()
+            argv += ["--tls-listen", f"127.0.0.1:{tls_port}", "--tls-cert", self.tls[0], "--tls-key", self.tls[1]]
+        self.proc = procs.start(f"canary-proxy-t{self.threads}{'-tls' if self.tls else ''}", argv, self.cpus,
+                                env={"RUST_LOG": "warn"})
+        self.admin = f"http://127.0.0.1:{admin}"
+        wait_ready(f"http://127.0.0.1:{port}/ping", procs, self.proc)
+        self.url = f"https://127.0.0.1:{tls_port}/ping" if self.tls else f"http://127.0.0.1:{port}/ping"
+
+    def own_counts(self):
+        """canary-proxy's own per-version request counters, from /metrics."""
+        _, _, body = http_get(self.admin + "/metrics", 5)
+        counts = {}
+        for line in body.decode().splitlines():
+            if line.startswith("canary_proxy_requests_total{"):
+                m = re.search(r'version="([^"]+)"', line)
+                if m:
+                    counts[m.group(1)] = counts.get(m.group(1), 0) + int(float(line.rsplit(" ", 1)[1]))
+        return counts
+
+
+def haproxy_maxconn():
+    """HAProxy reserves two descriptors per connection and refuses to start
+    when RLIMIT_NOFILE cannot cover maxconn; a container may cap the hard
+    limit (20000 on the machine this was written on), so fit it."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        return 30000
+    return min(30000, (hard - 100) // 2)
+
+
+class HAProxy(System):
+    def __init__(self, bench, threads, cpus, tls_pem=None):
+        super().__init__("haproxy", "HAProxy")
+        self.bench, self.threads, self.cpus, self.tls_pem = bench, threads, cpus, tls_pem
+
+    def start(self, procs):
+        b = self.bench
+        port = free_port()
+        bind = f"127.0.0.1:{port}"
+        if self.tls_pem:
+            bind += f" ssl crt {self.tls_pem} alpn http/1.1"
+        cfg = os.path.join(b.workdir, f"haproxy-t{self.threads}{'-tls' if self.tls_pem else ''}.cfg")
+        with open(cfg, "w") as f:
+            f.write(f"""global
+    nbthread {self.threads}
+    maxconn {haproxy_maxconn()}
+defaults
+    mode http
+    option http-keep-alive
+    # the same headers canary-proxy adds
+    option forwardfor
+    http-reuse always
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+    timeout http-request 10s
+    timeout http-keep-alive 60s
+frontend fe
+    bind {bind}
+    maxconn {haproxy_maxconn()}
+    http-request set-header X-Forwarded-Proto {'https' if self.tls_pem else 'http'}
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    default_backend be
+backend be
+    balance roundrobin
+    server stable {b.upstream_addr['v1']} weight {int(STABLE_SHARE * 100)} maxconn 30000
+    server canary {b.upstream_addr['v2']} weight {int(round((1 - STABLE_SHARE) * 100))} maxconn 30000
+""")
+        self.proc = procs.start(f"haproxy-t{self.threads}{'-tls' if self.tls_pem else ''}",
+                                ["haproxy", "-db", "-f", cfg], self.cpus)
+        scheme = "https" if self.tls_pem else "http"
+        self.url = f"{scheme}://127.0.0.1:{port}/ping"
+        if self.tls_pem:
+            import ssl
+            ctx = ssl._create_unverified_context()  # our own self-signed cert, loopback only
+            end = time.monotonic() + 30
+            while True:
+                try:
+                    with urllib.request.urlopen(self.url, timeout=1, context=ctx) as r:
+                        if r.status == 200:
+                            break
+                except Exception:  # noqa: BLE001
+                    if time.monotonic() > end or self.proc.poll() is not None:
+                        raise RuntimeError("HAProxy (TLS) not ready:\n" + procs.log_tail(self.proc.bench_name))
+                    time.sleep(0.05)
+        else:
+            wait_ready(self.url, procs, self.proc)
+
+
+class Nginx(System):
+    def __init__(self, bench, workers, cpus):
+        super().__init__("nginx", "NGINX")
+        self.bench, self.workers, self.cpus = bench, workers, cpus
+
+    def start(self, procs):
+        b = self.bench
+        port = free_port()
+        prefix = os.path.join(b.workdir, f"nginx-w{self.workers}")
+        os.makedirs(prefix, exist_ok=True)
+        cfg = os.path.join(prefix, "nginx.conf")
+        with open(cfg, "w") as f:
+            f.write(f"""daemon off;
+user root;
+worker_processes {self.workers};
+worker_rlimit_nofile 40000;
+pid {prefix}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 30000; }}
+http {{
+    access_log off;
+    keepalive_timeout 60s;
+    keepalive_requests 1000000;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    upstream versions {{
+        server {b.upstream_addr['v1']} weight={int(STABLE_SHARE * 100)};
+        server {b.upstream_addr['v2']} weight={int(round((1 - STABLE_SHARE) * 100))};
+        keepalive 256;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        location / {{
+            proxy_pass http://versions;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            # the same headers canary-proxy adds, and the client's Host
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;
+        }}
+    }}
+}}
+""")
+        self.proc = procs.start(f"nginx-w{self.workers}", ["nginx", "-p", prefix, "-c", cfg, "-e", "stderr"],
+                                self.cpus)
+        self.url = f"http://127.0.0.1:{port}/ping"
+        wait_ready(self.url, procs, self.proc)
+
+    def serving_pids(self):
+        return children(self.proc.pid) if self.proc else []
+
+
+class Direct(System):
+    """The ceiling: wrk straight to the stable upstream, no proxy."""
+
+    def __init__(self, bench):
+        super().__init__("direct", "direct (ceiling)")
+        self.bench = bench
+
+    def start(self, procs):
+        self.url = f"http://{self.bench.upstream_addr['v1']}/ping"
+
+    def serving_pids(self):
+        # CPU per request here is the stable upstream's own cost (its RSS
+        # is not reported: it is no proxy).
+        return [self.bench.upstream_pids["v1"]]
+
+    def rss_kb(self, field="VmHWM"):
+        return None
+
+
+# --------------------------------------------------------------------------
+# load and statistics
+
+
+def run_wrk(url, seconds, connections=CONNECTIONS):
+    cmd = ["taskset", "-c", LOAD_CPUS, "wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds}s",
+           "--timeout", "2s", "-s", LUA, url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH ")), None)
+    if out.returncode != 0 or line is None:
+        raise RuntimeError(f"wrk failed (exit {out.returncode}) against {url}:\n{out.stdout}\n{out.stderr}")
+    r = {}
+    for kv in line.split()[1:]:
+        k, v = kv.split("=", 1)
+        r[k] = v if k == "counts" else int(v)
+    counts = {}
+    for kv in filter(None, r["counts"].split(",")):
+        k, v = kv.split("=")
+        counts[k] = int(v)
+    r["counts"] = counts
+    r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+    r["errors"] = (r["err_connect"] + r["err_read"] + r["err_write"] + r["err_timeout"]
+                   + sum(n for k, n in counts.items() if k.startswith("status_") or k == "no_version_header"))
+    return r
+
+
+def split_check(counts, expect_single=False):
+    """(ok, canary fraction, tolerance, text).
+
+    The canary's share over n answers is binomial(n, 0.1) for a random split
+    (canary-proxy) and exact for a weighted round robin (HAProxy, NGINX).
+    Allowing 5 standard deviations, sqrt(0.1*0.9/n), plus a 0.2-point slack
+    for round robin phase at the cut-off, keeps a false alarm below one in a
+    million checks while still catching a split that is off by a point at
+    the sample sizes a round produces (tens of thousands of answers).
+    """
+    v1, v2 = counts.get("v1", 0), counts.get("v2", 0)
+    n = v1 + v2
+    if expect_single:
+        ok = n > 0 and v2 == 0
+        return ok, 0.0, 0.0, "n/a (one upstream)" if ok else f"canary answered {v2} (expected none)"
+    if n < 1000:
+        return False, float("nan"), 0.0, f"too few answers to check ({n})"
+    frac = v2 / n
+    p = 1 - STABLE_SHARE
+    tol = 5 * math.sqrt(p * (1 - p) / n) + 0.002
+    ok = abs(frac - p) <= tol
+    return ok, frac, tol, f"{100 * (1 - frac):.2f}/{100 * frac:.2f} (±{100 * tol:.2f})"
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def fmt_ms(us):
+    return f"{us / 1000:.2f}" if us == us else "–"
+
+
+def fmt_cpu(us):
+    return f"{us:.1f}" if us == us else "–"
+
+
+def fmt_mb(kb):
+    return f"{kb / 1024:.1f}" if kb is not None else "–"
+
+
+def loadavg():
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+# --------------------------------------------------------------------------
+# the run
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.quick = args.quick
+        self.proxy_bin = args.proxy_bin
+        self.backend_bin = args.backend_bin
+        self.workdir = tempfile.mkdtemp(prefix="canary-bench-")
+        self.procs = Procs(self.workdir)
+        self.failures = []
+        self.sections = []
+        self.loads = [("start", loadavg())]
+
+    # -- setup
+
+    def start_upstreams(self):
+        self.upstream_addr = {}
+        self.upstream_pids = {}
+        for version in ("v1", "v2"):
+            port = free_port()
+            # One tokio worker, pinned with the system under test: the same
+            # upstream work for every system.
+            p = self.procs.start(f"upstream-{version}",
+                                 [self.backend_bin, "--listen", f"127.0.0.1:{port}", "--version", version,
+                                  "--drain-delay", "0s", "--shutdown-timeout", "1s"],
+                                 UPSTREAM_CPUS, env={"TOKIO_WORKER_THREADS": "1", "RUST_LOG": "warn"})
+            self.upstream_addr[version] = f"127.0.0.1:{port}"
+            self.upstream_pids[version] = p.pid
+            wait_ready(f"http://127.0.0.1:{port}/ping", self.procs, p)
+        # A directory of its own: canary-proxy watches the routes file's
+        # directory, and the logs written to workdir would make it re-read
+        # the file on every log line.
+        os.makedirs(os.path.join(self.workdir, "routes"), exist_ok=True)
+        self.routes_file = os.path.join(self.workdir, "routes", "routes.toml")
+        with open(self.routes_file, "w") as f:
+            f.write(f"""[versions.stable]
+upstream = "http://{self.upstream_addr['v1']}"
+weight = {int(STABLE_SHARE * 100)}
+
+[versions.canary]
+upstream = "http://{self.upstream_addr['v2']}"
+weight = {int(round((1 - STABLE_SHARE) * 100))}
+""")
+
+    def proxy_has(self, flag):
+        out = subprocess.run([self.proxy_bin, "run", "--help"], capture_output=True, text=True)
+        return flag in out.stdout
+
+    # -- alternating rounds
+
+    def rounds(self, systems, rounds, seconds, warmup):
+        """A B C A B C ...: every system gets every round, in turn."""
+        results = {s.key: [] for s in systems}
+        for s in systems:
+            if warmup:
+                run_wrk(s.url, warmup)
+        for i in range(rounds):
+            order = systems if i % 2 == 0 else list(reversed(systems))
+            for s in order:
+                pids = s.serving_pids()
+                u0, s0 = cpu_seconds(pids)
+                r = run_wrk(s.url, seconds)
+                u1, s1 = cpu_seconds(pids)
+                # CPU time the system under test spent per answered request:
+                # the cost per request, and much less sensitive than req/s
+                # to what else the machine is doing. User vs kernel says
+                # whether the proxy's own code or the syscalls dominate.
+                n = r["requests"] if pids and r["requests"] else float("nan")
+                r["cpu_us"] = 1e6 * ((u1 - u0) + (s1 - s0)) / n
+                r["user_us"] = 1e6 * (u1 - u0) / n
+                r["sys_us"] = 1e6 * (s1 - s0) / n
+                results[s.key].append(r)
+                log(f"  round {i + 1}/{rounds} {s.label:<18} {r['rps']:>9.0f} req/s  p99 {r['p99_us'] / 1000:.2f} ms"
+                    f"  cpu {r['cpu_us']:.1f} us/req"
+                    f"  errors {r['errors']}  counts {r['counts']}")
+        return results
+
+    def summarise(self, title, systems, results, note, split=True):
+        rows = []
+        hap = None
+        agg = {}
+        for s in systems:
+            rs = results[s.key]
+            rps = [r["rps"] for r in rs]
+            counts = {}
+            for r in rs:
+                for k, n in r["counts"].items():
+                    counts[k] = counts.get(k, 0) + n
+            per_round = [split_check(r["counts"], isinstance(s, Direct)) for r in rs]
+            total = split_check(counts, isinstance(s, Direct))
+            ok = total[0] and all(c[0] for c in per_round)
+            errors = sum(r["errors"] for r in rs)
+            requests = sum(r["requests"] for r in rs)
+            a = {
+                "rps": med(rps), "min": min(rps), "max": max(rps), "rounds": rps,
+                "p50": med([r["p50_us"] for r in rs]), "p99": med([r["p99_us"] for r in rs]),
+                "p999": med([r["p999_us"] for r in rs]), "cpu_us": med([r["cpu_us"] for r in rs]),
+                "user_us": med([r["user_us"] for r in rs]), "sys_us": med([r["sys_us"] for r in rs]), "errors": errors, "requests": requests,
+                "rss": s.rss_kb("VmHWM"), "split_ok": ok, "split_text": total[3],
+            }
+            agg[s.key] = a
+            if not ok and split:
+                self.failures.append(f"{title}: {s.label} split off: total {total[3]}; per round "
+                                     + "; ".join(c[3] for c in per_round))
+            if requests and errors > 0.01 * requests:
+                self.failures.append(f"{title}: {s.label} had {errors} errors in {requests} requests")
+        hap = agg.get("haproxy")
+        lines = [f"### {title}", "", note, "",
+                 "| system | req/s (median) | spread min–max (rounds) | × HAProxy req/s | p50 ms | p99 ms | p99.9 ms "
+                 "| × HAProxy p99 | CPU µs/request (user + kernel) | errors | peak RSS MB | split stable/canary % (tolerance) |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for s in systems:
+            a = agg[s.key]
+            spread = f"{a['min']:.0f}–{a['max']:.0f} ({100 * (a['max'] - a['min']) / a['rps']:.0f}%)"
+            ratio = f"{a['rps'] / hap['rps']:.2f}" if hap else "–"
+            p99r = f"{a['p99'] / hap['p99']:.2f}" if hap and hap["p99"] else "–"
+            split_cell = a["split_text"] + ("" if a["split_ok"] else " **OFF**")
+            lines.append(f"| {s.label} | {a['rps']:.0f} | {spread} | {ratio} | {fmt_ms(a['p50'])} | "
+                         f"{fmt_ms(a['p99'])} | {fmt_ms(a['p999'])} | {p99r} | {fmt_cpu(a['cpu_us'])} ({fmt_cpu(a['user_us'])} + {fmt_cpu(a['sys_us'])}) | {a['errors']} | {fmt_mb(a['rss'])} | "
+                         f"{split_cell} |")
+        lines.append("")
+        lines.append("Per-round req/s: " + "; ".join(
+            f"{s.label} " + ", ".join(f"{x:.0f}" for x in agg[s.key]["rounds"]) for s in systems))
+        lines.append("")
+        self.sections.append("\n".join(lines))
+        return agg
+
+    def throughput_phase(self, threads, include_direct, rounds):
+        cpus = SUT_CPUS_1 if threads == 1 else SUT_CPUS_2
+        systems = [CanaryProxy(self, threads, cpus), HAProxy(self, threads, cpus), Nginx(self, threads, cpus)]
+        if include_direct:
+            systems.append(Direct(self))
+        log(f"throughput, {threads} worker thread(s), proxies on CPU {cpus}: starting {', '.join(s.label for s in systems)}")
+        try:
+            for s in systems:
+                s.start(self.procs)
+            load_before = loadavg()
+            res = self.rounds(systems, rounds, self.args.duration, self.args.warmup)
+            title = (f"Headline: one worker thread each (proxy and upstreams on core {cpus}, wrk on core {LOAD_CPUS})"
+                     if threads == 1 else
+                     f"Second figure: two worker threads each (proxy on cores {cpus}, upstreams on core "
+                     f"{UPSTREAM_CPUS}, wrk on core {LOAD_CPUS})")
+            note = (f"`wrk -t{WRK_THREADS} -c{CONNECTIONS} -d{self.args.duration}s`, {rounds} rounds alternating "
+                    f"(A B C D, then D C B A), {self.args.warmup}s warm-up each; load average before {load_before}, "
+                    f"after {loadavg()}. canary-proxy `--threads {threads}`, HAProxy `nbthread {threads}`, NGINX "
+                    f"`worker_processes {threads}`. Peak RSS is VmHWM of the serving process(es) at the end "
+                    f"(NGINX: its worker(s), not the master).")
+            agg = self.summarise(title, systems, res, note)
+            cp = systems[0]
+            own = cp.own_counts()
+            n = sum(own.values())
+            if n:
+                self.sections.append(
+                    f"canary-proxy's own counters (`canary_proxy_requests_total`, warm-up included): "
+                    + ", ".join(f"{k} {v}" for k, v in sorted(own.items()))
+                    + f" — canary share {100 * own.get('canary', 0) / n:.2f}%.\n")
+            return agg
+        finally:
+            for s in systems:
+                if s.proc:
+                    self.procs.stop(s.proc)
+
+    def tls_phase(self, rounds):
+        title = "TLS on the front door: canary-proxy against HAProxy (one worker thread, same pinning)"
+        if not self.proxy_has("--tls-listen"):
+            self.sections.append(f"### {title}\n\nnot available: canary-proxy has no --tls-listen\n")
+            log("TLS: not available: canary-proxy has no --tls-listen")
+            return None
+        cert, key, pem = (os.path.join(self.workdir, n) for n in ("cert.pem", "key.pem", "combined.pem"))
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                       check=True, capture_output=True)
+        with open(pem, "w") as out:
+            for part in (cert, key):
+                with open(part) as f:
+                    out.write(f.read())
+        systems = [CanaryProxy(self, 1, SUT_CPUS_1, tls=(cert, key)), HAProxy(self, 1, SUT_CPUS_1, tls_pem=pem)]
+        log("TLS: starting canary-proxy and HAProxy with TLS listeners")
+        try:
+            for s in systems:
+                s.start(self.procs)
+            res = self.rounds(systems, rounds, self.args.duration, self.args.warmup)
+            note = (f"Self-signed ECDSA P-256 certificate, HTTP/1.1 over TLS with keep-alive (one handshake per "
+                    f"connection), {rounds} rounds of `wrk -t{WRK_THREADS} -c{CONNECTIONS} -d{self.args.duration}s`.")
+            return self.summarise(title, systems, res, note)
+        finally:
+            for s in systems:
+                if s.proc:
+                    self.procs.stop(s.proc)
+
+    def idle_phase(self, n, hold):
+        title = f"Memory with {n} idle keep-alive client connections (one worker thread, core {SUT_CPUS_1})"
+        systems = [CanaryProxy(self, 1, SUT_CPUS_1), HAProxy(self, 1, SUT_CPUS_1), Nginx(self, 1, SUT_CPUS_1)]
+        lines = [f"### {title}", "",
+                 f"Each client connection sends one `GET /ping` over keep-alive, reads the answer and then stays "
+                 f"open and idle (client on core {LOAD_CPUS}, at most 200 connections being set up at once). RSS "
+                 f"is read {IDLE_SETTLE:.0f}s after the last one opened; 'still open' is counted {hold:.0f}s after "
+                 f"it, which shows a server's idle keep-alive timeout if it is shorter.", "",
+                 "| system | RSS before MB | RSS with connections MB | peak RSS MB | KB per connection | opened "
+                 f"| still open after {hold:.0f}s | failed |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        results = {}
+        lines_note = []
+        for s in systems:
+            log(f"idle connections: {s.label}, {n} connections")
+            try:
+                s.start(self.procs)
+                before = s.rss_kb("VmRSS")
+                n_here = n
+                if isinstance(s, HAProxy) and haproxy_maxconn() < n + 100:
+                    n_here = haproxy_maxconn() - 100
+                    lines_note.append(f"HAProxy held {n_here} connections, not {n}: its maxconn must fit "
+                                      f"RLIMIT_NOFILE/2 and this machine's hard limit is "
+                                      f"{resource.getrlimit(resource.RLIMIT_NOFILE)[1]}; compare KB per connection.")
+                port = int(s.url.split(":")[2].split("/")[0])
+                client = subprocess.Popen(
+                    ["taskset", "-c", LOAD_CPUS, sys.executable, IDLE, "--port", str(port), "-n", str(n_here),
+                     "--hold", str(hold + 120)],
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
+                self.procs.live.append(client)
+                client.bench_name = "idle-client"
+                ready = client.stdout.readline().strip()
+                first_failure = ""
+                if not ready.startswith("READY"):
+                    raise RuntimeError(f"idle client failed against {s.label}: {ready!r}")
+                fields = dict(kv.split("=") for kv in ready.split()[1:])
+                if int(fields["failed"]):
+                    first_failure = client.stdout.readline().strip()
+                time.sleep(IDLE_SETTLE)
+                with_conns = s.rss_kb("VmRSS")
+                peak = s.rss_kb("VmHWM")
+                # Then keep them idle until `hold` to see whether the server
+                # closes idle keep-alive connections (an idle timeout).
+                time.sleep(max(0.0, hold - IDLE_SETTLE))
+                client.stdin.close()
+                still = client.stdout.readline().strip()
+                client.wait(30)
+                self.procs.live.remove(client)
+                still_n = int(still.split("=")[1]) if still.startswith("STILL_OPEN") else -1
+                opened = int(fields["open"])
+                per = (with_conns - before) / opened if opened and with_conns and before else float("nan")
+                results[s.key] = {"rss": with_conns, "peak": peak, "opened": opened, "still": still_n}
+                lines.append(f"| {s.label} | {fmt_mb(before)} | {fmt_mb(with_conns)} | {fmt_mb(peak)} | {per:.1f} | "
+                             f"{opened} | {still_n} | {fields['failed']} |")
+                if first_failure:
+                    lines.append(f"|  | first failure: {first_failure} | | | | | | |")
+                if opened < 0.99 * n_here:
+                    self.failures.append(f"idle connections: only {opened}/{n_here} opened against {s.label}")
+            finally:
+                if s.proc:
+                    self.procs.stop(s.proc)
+        lines.append("")
+        lines += lines_note
+        lines.append("")
+        self.sections.append("\n".join(lines))
+        return results
+
+    def examples_phase(self):
+        lines = ["### Reload-apply latency and rollback detection time", ""]
+        if self.quick:
+            lines.append("skipped in --quick (they build and run the proxy's own examples).")
+            self.sections.append("\n".join(lines) + "\n")
+            return {}
+        found = {}
+        for name in ("reload_latency", "rollback_detection"):
+            path = os.path.join(ROOT, "proxy", "examples", f"{name}.rs")
+            if not os.path.exists(path):
+                lines.append(f"- `{name}`: not available yet (no proxy/examples/{name}.rs)")
+                log(f"example {name}: not available yet")
+                continue
+            log(f"example {name}: cargo run --release --example {name}")
+            try:
+                out = subprocess.run(["cargo", "run", "--release", "--locked", "-q", "-p", "canary-proxy",
+                                      "--example", name], cwd=ROOT, capture_output=True, text=True, timeout=600)
+            except subprocess.TimeoutExpired:
+                lines.append(f"- `{name}`: timed out after 600s")
+                self.failures.append(f"example {name} timed out")
+                continue
+            results = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode != 0 or not results:
+                tail = "\n".join((out.stdout + out.stderr).splitlines()[-10:])
+                lines.append(f"- `{name}`: failed (exit {out.returncode}), no RESULT line:\n\n```\n{tail}\n```")
+                self.failures.append(f"example {name} failed")
+                continue
+            found[name] = results
+            lines.append(f"- `{name}`:")
+            lines += [f"  - `{r}`" for r in results]
+        lines.append("")
+        self.sections.append("\n".join(lines))
+        return found
+
+    # -- report
+
+    def goals(self, head, idle):
+        if not head or "haproxy" not in head:
+            return ""
+        cp, hp = head["canary-proxy"], head["haproxy"]
+
+        def mark(ok):
+            return "met" if ok else "**not met**"
+
+        rows = ["### Goals (headline figure)", "", "| goal | measured | verdict |", "|---|---|---|",
+                f"| req/s ≥ 1.1 × HAProxy | {cp['rps']:.0f} vs {hp['rps']:.0f} = {cp['rps'] / hp['rps']:.2f}× | "
+                f"{mark(cp['rps'] >= 1.1 * hp['rps'])} |",
+                f"| p99 ≤ HAProxy's | {fmt_ms(cp['p99'])} ms vs {fmt_ms(hp['p99'])} ms | {mark(cp['p99'] <= hp['p99'])} |",
+                f"| peak RSS < 30 MB at {CONNECTIONS} connections | {fmt_mb(cp['rss'])} MB | "
+                f"{mark(cp['rss'] is not None and cp['rss'] < 30 * 1024)} |",
+                f"| (not a goal) CPU per request | {fmt_cpu(cp['cpu_us'])} µs vs HAProxy's {fmt_cpu(hp['cpu_us'])} µs "
+                f"= {cp['cpu_us'] / hp['cpu_us']:.2f}× | – |"]
+        if idle and "canary-proxy" in idle:
+            i = idle["canary-proxy"]
+            rows.append(f"| RSS < 64 MB with {self.args.idle_conns} idle connections | {fmt_mb(i['rss'])} MB "
+                        f"(peak {fmt_mb(i['peak'])} MB) | {mark(i['peak'] is not None and i['peak'] < 64 * 1024)} |")
+        rows.append("")
+        return "\n".join(rows)
+
+    def versions(self):
+        def first_line(cmd):
+            try:
+                out = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+                return (out.stdout + out.stderr).strip().splitlines()[0]
+            except Exception:  # noqa: BLE001
+                return "?"
+        commit = first_line(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"])
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--", "proxy", "backend", "Cargo.lock"],
+                               capture_output=True, text=True).stdout.strip()
+        cpu = "?"
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+        return {
+            "commit": commit + (" (with uncommitted changes under proxy/ or backend/)" if dirty else ""),
+            "cpu": f"{os.cpu_count()} × {cpu}",
+            "kernel": os.uname().release,
+            "haproxy": first_line(["haproxy", "-v"]).split(" - ")[0],
+            "nginx": first_line(["nginx", "-v"]).replace("nginx version: ", ""),
+            "wrk": first_line(["wrk", "-v"]).split(" Copyright")[0],
+            "build": self.args.profile,
+        }
+
+    def report(self, started, head, idle):
+        v = self.versions()
+        date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+        mode = "quick smoke run (not a measurement)" if self.quick else "full run"
+        out = [f"# canary-proxy benchmark, {date} ({mode})", "",
+               f"- commit {v['commit']}, canary-proxy and ping-backend built with the `{v['build']}` profile",
+               f"- machine: {v['cpu']}, Linux {v['kernel']}",
+               f"- {v['haproxy']}; {v['nginx']}; {v['wrk']}",
+               "- load average (1, 5, 15 min): " + "; ".join(f"{k} {l}" for k, l in self.loads),
+               f"- upstreams: two `ping-backend` processes (stable v1, canary v2), one tokio worker each, on core "
+               f"{UPSTREAM_CPUS}; split 90/10 over keep-alive; the split is counted from the `x-ping-version` "
+               f"header of every answer wrk read",
+               f"- took {time.monotonic() - started:.0f}s", ""]
+        goals = self.goals(head, idle)
+        if goals:
+            out.append(goals)
+        out += self.sections
+        if self.failures:
+            out += ["### Problems", ""] + [f"- {f}" for f in self.failures] + [""]
+        return "\n".join(out)
+
+    def run(self):
+        started = time.monotonic()
+        a = self.args
+        head = idle = None
+        try:
+            self.start_upstreams()
+            head = self.throughput_phase(1, include_direct=True, rounds=a.rounds)
+            self.loads.append(("after headline", loadavg()))
+            if not a.quick:
+                self.throughput_phase(2, include_direct=False, rounds=a.rounds2)
+                self.loads.append(("after two-thread figure", loadavg()))
+            self.tls_phase(a.tls_rounds)
+            idle = self.idle_phase(a.idle_conns, a.idle_hold)
+            self.examples_phase()
+        except Exception as e:  # noqa: BLE001 - reported, and the run fails
+            self.failures.append(f"harness error: {e}")
+            log(f"harness error: {e}")
+        finally:
+            self.procs.stop_all()
+        self.loads.append(("end", loadavg()))
+        text = self.report(started, head, idle)
+        print(text)
+        out = a.out
+        if not out:
+            day = datetime.date.today().isoformat()
+            out = os.path.join(HERE, "results", f"{day}{'-quick' if a.quick else ''}.md")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        with open(out, "w") as f:
+            f.write(text)
+        log(f"results written to {os.path.relpath(out, ROOT)}")
+        if self.failures:
+            log("FAILED: " + " | ".join(self.failures))
+            return 1
+        shutil.rmtree(self.workdir, ignore_errors=True)
+        return 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="short smoke run (about a minute): checks the harness "
+                    "and the split, not speed")
+    ap.add_argument("--proxy-bin", required=True)
+    ap.add_argument("--backend-bin", required=True)
+    ap.add_argument("--profile", default="release")
+    ap.add_argument("--out", help="results file (default bench/results/<date>.md)")
+    ap.add_argument("--duration", type=int, help="seconds per measured load")
+    ap.add_argument("--warmup", type=int)
+    ap.add_argument("--rounds", type=int, help="rounds of the headline figure")
+    ap.add_argument("--rounds2", type=int, help="rounds of the two-thread figure")
+    ap.add_argument("--tls-rounds", type=int)
+    ap.add_argument("--idle-conns", type=int)
+    ap.add_argument("--idle-hold", type=float)
+    args = ap.parse_args()
+    defaults = (dict(duration=2, warmup=1, rounds=2, rounds2=0, tls_rounds=1, idle_conns=1000, idle_hold=2.0)
+                if args.quick else
+                dict(duration=10, warmup=2, rounds=5, rounds2=3, tls_rounds=3, idle_conns=10000, idle_hold=12.0))
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+
+    # 10k idle connections need file descriptors in the proxies and client.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 65536
+    if hard < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+        except (ValueError, OSError):
+            want = hard
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+
+    bench = Bench(args)
+    atexit.register(bench.procs.stop_all)
+
+    def on_signal(signum, _frame):
+        bench.procs.stop_all()
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)
+    return bench.run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

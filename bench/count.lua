@@ -1,0 +1,45 @@
+-- wrk script used for every system under test, so all are measured the same way.
+-- Counts answers per upstream version (the x-ping-version response header set by
+-- the upstream), which checks the 90/10 split from the outside for canary-proxy,
+-- HAProxy and NGINX alike, and prints one machine-readable line at the end.
+-- The response() callback costs wrk a few % of its own CPU (core 1), not the
+-- proxy's (core 0); it is on for every system, the direct ceiling included.
+local threads = {}
+
+function setup(thread)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  counts = {}
+end
+
+function response(status, headers, body)
+  local key = headers["x-ping-version"]
+  if status < 200 or status > 299 then
+    key = "status_" .. status
+  elseif key == nil then
+    key = "no_version_header"
+  end
+  counts[key] = (counts[key] or 0) + 1
+end
+
+function done(summary, latency, requests)
+  local total = {}
+  for _, t in ipairs(threads) do
+    for k, n in pairs(t:get("counts")) do
+      total[k] = (total[k] or 0) + n
+    end
+  end
+  local parts = {}
+  for k, n in pairs(total) do
+    table.insert(parts, k .. "=" .. n)
+  end
+  local e = summary.errors
+  io.write(string.format(
+    "BENCH requests=%d duration_us=%d p50_us=%d p99_us=%d p999_us=%d max_us=%d " ..
+    "err_connect=%d err_read=%d err_write=%d err_status=%d err_timeout=%d counts=%s\n",
+    summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9), latency.max,
+    e.connect, e.read, e.write, e.status, e.timeout, table.concat(parts, ",")))
+end
