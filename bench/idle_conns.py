@@ -3,7 +3,8 @@
 GET /ping on each and read its answer, then keep them all open and idle.
 
 Prints `READY open=N failed=M` once every connection has had its answer, then
-waits (bounded by --hold) until stdin closes or the hold time runs out, and
+waits (bounded by --hold) until stdin closes or the hold time runs out (with
+--no-stdin: for --hold seconds), and
 prints `STILL_OPEN n=K` (connections the server had not closed) before exiting.
 bench.py reads the proxy's RSS while this sits idle.
 """
@@ -42,6 +43,7 @@ async def main():
     ap.add_argument("--concurrency", type=int, default=200,
                     help="connections being set up at once (bounds the upstream pool the proxy needs)")
     ap.add_argument("--hold", type=float, default=60.0, help="seconds to keep them open at most")
+    ap.add_argument("--no-stdin", action="store_true", help="hold for --hold seconds; do not watch stdin")
     args = ap.parse_args()
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -57,12 +59,15 @@ async def main():
     if failures:
         print("FIRST_FAILURE " + failures[0], flush=True)
 
-    loop = asyncio.get_running_loop()
-    stdin_closed = loop.run_in_executor(None, sys.stdin.read)
-    try:
-        await asyncio.wait_for(stdin_closed, args.hold)
-    except asyncio.TimeoutError:
-        pass
+    if args.no_stdin:
+        await asyncio.sleep(args.hold)
+    else:
+        loop = asyncio.get_running_loop()
+        stdin_closed = loop.run_in_executor(None, sys.stdin.read)
+        try:
+            await asyncio.wait_for(stdin_closed, args.hold)
+        except asyncio.TimeoutError:
+            pass
     still = sum(1 for r, _ in conns if not r.at_eof())
     print(f"STILL_OPEN n={still}", flush=True)
     for _, w in conns:
