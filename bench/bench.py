@@ -846,6 +846,7 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
         log(f"results written to {os.path.relpath(out, ROOT)}")
         if self.failures:
             log("FAILED: " + " | ".join(self.failures))
+            log(f"logs of every process kept in {self.workdir}")
             return 1
         shutil.rmtree(self.workdir, ignore_errors=True)
         return 0
