@@ -127,7 +127,10 @@ async fn connection<A: Acceptor>(
     let service = service_fn(move |req| {
         let forwarder = forwarder.clone();
         let info = info.clone();
-        async move { Ok::<_, Infallible>(forwarder.handle(req, info).await) }
+        // Boxed: hyper keeps a slot the size of this future in every
+        // connection, idle or not; a box costs an allocation per request and
+        // saves kilobytes per idle keep-alive connection.
+        Box::pin(async move { Ok::<_, Infallible>(forwarder.handle(req, info).await) })
     });
     let conn = builder
         .serve_connection_with_upgrades(TokioIo::new(io), service)
