@@ -40,7 +40,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -115,7 +114,7 @@ pub struct Proxy {
     config: RunConfig,
     stop_accepting: CancellationToken,
     stop_rest: CancellationToken,
-    servers: Vec<JoinHandle<GracefulShutdown>>,
+    servers: Vec<JoinHandle<server::Connections>>,
     traffic_addr: Option<SocketAddr>,
     tls_addr: Option<SocketAddr>,
     admin_addr: SocketAddr,

@@ -359,6 +359,11 @@ impl Acceptor for TlsAcceptor {
     fn is_tls(&self) -> bool {
         true
     }
+
+    /// Decided by ALPN during the handshake.
+    async fn is_h2(&self, io: &Self::Io, _limit: Duration) -> io::Result<bool> {
+        Ok(io.get_ref().1.alpn_protocol() == Some(b"h2".as_slice()))
+    }
 }
 
 struct Reloader {
