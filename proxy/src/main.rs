@@ -92,7 +92,7 @@ struct CommonArgs {
     /// Answer 504 when an upstream sends no response head within this long; `0s` waits forever.
     #[arg(long, env = "CANARY_PROXY_UPSTREAM_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     upstream_timeout: Duration,
-    /// Drop a client connection whose request head takes longer than this (slowloris guard).
+    /// Drop a client connection whose request head takes longer than this (slowloris guard); idle keep-alive connections also close after it.
     #[arg(long, env = "CANARY_PROXY_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     header_read_timeout: Duration,
     /// Re-read the routes file this often even without file events.
