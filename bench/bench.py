@@ -199,20 +199,21 @@ class System:
 
 
 class CanaryProxy(System):
-    def __init__(self, bench, threads, cpus, tls=None):
-        super().__init__("canary-proxy", "canary-proxy")
+    def __init__(self, bench, threads, cpus, tls=None, binary=None, label="canary-proxy"):
+        super().__init__(label, label)
         self.bench, self.threads, self.cpus, self.tls = bench, threads, cpus, tls
+        self.binary = binary or bench.proxy_bin
 
     def start(self, procs):
         b = self.bench
         port, admin = free_port(), free_port()
-        argv = [b.proxy_bin, "run", "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
+        argv = [self.binary, "run", "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
                 "--routes", b.routes_file, "--threads", str(self.threads),
                 "--drain-delay", "0s", "--shutdown-timeout", "1s"]
         if self.tls:
             tls_port = free_port()
             argv += ["--tls-listen", f"127.0.0.1:{tls_port}", "--tls-cert", self.tls[0], "--tls-key", self.tls[1]]
-        self.proc = procs.start(f"canary-proxy-t{self.threads}{'-tls' if self.tls else ''}", argv, self.cpus,
+        self.proc = procs.start(f"{self.key}-t{self.threads}{'-tls' if self.tls else ''}", argv, self.cpus,
                                 env={"RUST_LOG": "warn"})
         self.admin = f"http://127.0.0.1:{admin}"
         wait_ready(f"http://127.0.0.1:{port}/ping", procs, self.proc)
@@ -612,6 +613,28 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
                 if s.proc:
                     self.procs.stop(s.proc)
 
+    def compare_phase(self, other_bin, rounds):
+        """This build against another canary-proxy binary, with HAProxy as
+        the yardstick: the headline setup only, for checking one change."""
+        cpus = SUT_CPUS_1
+        systems = [CanaryProxy(self, 1, cpus),
+                   CanaryProxy(self, 1, cpus, binary=other_bin, label="canary-proxy (compared)"),
+                   HAProxy(self, 1, cpus)]
+        log(f"compare: {self.proxy_bin} against {other_bin}, one worker thread, on CPU {cpus}")
+        try:
+            for s in systems:
+                s.start(self.procs)
+            load_before = loadavg()
+            res = self.rounds(systems, rounds, self.args.duration, self.args.warmup)
+            note = (f"This build against `{other_bin}`. `wrk -t{WRK_THREADS} -c{CONNECTIONS} "
+                    f"-d{self.args.duration}s`, {rounds} rounds alternating, {self.args.warmup}s warm-up each; "
+                    f"load average before {load_before}, after {loadavg()}.")
+            return self.summarise("Compare: one worker thread each", systems, res, note)
+        finally:
+            for s in systems:
+                if s.proc:
+                    self.procs.stop(s.proc)
+
     def tls_phase(self, rounds):
         title = "TLS on the front door: canary-proxy against HAProxy (one worker thread, same pinning)"
         if not self.proxy_has("--tls-listen"):
@@ -820,26 +843,34 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
         head = idle = None
         try:
             self.start_upstreams()
-            head = self.throughput_phase(1, include_direct=True, rounds=a.rounds)
-            self.loads.append(("after headline", loadavg()))
-            if not a.quick:
-                self.throughput_phase(2, include_direct=False, rounds=a.rounds2)
-                self.loads.append(("after two-thread figure", loadavg()))
-            self.tls_phase(a.tls_rounds)
-            idle = self.idle_phase(a.idle_conns, a.idle_hold)
-            self.examples_phase()
+            if a.compare:
+                self.compare_phase(a.compare, a.rounds)
+            else:
+                head = self.throughput_phase(1, include_direct=True, rounds=a.rounds)
+                self.loads.append(("after headline", loadavg()))
+                if not a.quick:
+                    self.throughput_phase(2, include_direct=False, rounds=a.rounds2)
+                    self.loads.append(("after two-thread figure", loadavg()))
+                self.tls_phase(a.tls_rounds)
+                idle = self.idle_phase(a.idle_conns, a.idle_hold)
+                self.examples_phase()
         except Exception as e:  # noqa: BLE001 - reported, and the run fails
             self.failures.append(f"harness error: {e}")
             log(f"harness error: {e}")
         finally:
             self.procs.stop_all()
+        return self.finish(started, head, idle, compare=bool(a.compare))
+
+    def finish(self, started, head, idle, compare=False):
+        a = self.args
         self.loads.append(("end", loadavg()))
-        text = self.report(started, head, idle)
+        text = "\n".join(self.sections) if compare else self.report(started, head, idle)
         print(text)
         out = a.out
         if not out:
             day = datetime.date.today().isoformat()
-            out = os.path.join(HERE, "results", f"{day}{'-quick' if a.quick else ''}.md")
+            kind = "-compare" if compare else "-quick" if a.quick else ""
+            out = os.path.join(HERE, "results", f"{day}{kind}.md")
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "w") as f:
             f.write(text)
@@ -867,6 +898,8 @@ def main():
     ap.add_argument("--tls-rounds", type=int)
     ap.add_argument("--idle-conns", type=int)
     ap.add_argument("--idle-hold", type=float)
+    ap.add_argument("--compare", metavar="BIN", help="only the headline setup: this build against another "
+                    "canary-proxy binary (and HAProxy), to measure one change; writes <date>-compare.md")
     args = ap.parse_args()
     defaults = (dict(duration=2, warmup=1, rounds=2, rounds2=0, tls_rounds=1, idle_conns=1000, idle_hold=2.0)
                 if args.quick else
