@@ -1,6 +1,6 @@
 //! The request path: pick a version from the current snapshot, rewrite the
-//! request for it, send it over a pooled keep-alive connection, and stream
-//! the answer back while [`ObservedBody`] records the outcome.
+//! request for it, send it over a pooled keep-alive connection (`upstream`),
+//! and stream the answer back while [`ObservedBody`] records the outcome.
 //!
 //! Status codes for failures are decided in one place, [`Failure`]: a
 //! connect failure or a reset before the response head is `502`, an upstream
@@ -18,18 +18,16 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Empty, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio_util::task::TaskTracker;
 
 use crate::control::Control;
 use crate::guard;
 use crate::metrics::UpstreamErrorKind;
 use crate::snapshot::{Snapshot, VersionRuntime};
-
-/// Body sent upstream: the client's, streamed, or nothing on a retry.
-pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+use crate::upstream::{
+    ConnectError, PooledBody, SendError, UpstreamBody, UpstreamConfig, Upstreams,
+};
 
 /// Knobs of the request path, from `run`'s flags.
 #[derive(Debug, Clone)]
@@ -70,9 +68,7 @@ impl ConnInfo {
 
 pub struct Forwarder {
     control: Arc<Control>,
-    // One client for every upstream: hyper pools per scheme+authority, so a
-    // reload keeps the warm connections of every upstream that did not change.
-    client: Client<HttpConnector, UpstreamBody>,
+    upstreams: Arc<Upstreams>,
     config: ForwardConfig,
     /// Upgraded (WebSocket) tunnels, so shutdown can wait for them.
     tunnels: TaskTracker,
@@ -89,8 +85,8 @@ impl std::fmt::Debug for Forwarder {
 /// An exchange that produced no upstream response.
 #[derive(Debug)]
 enum Failure {
-    Connect(hyper_util::client::legacy::Error),
-    Reset(hyper_util::client::legacy::Error),
+    Connect(ConnectError),
+    Reset(hyper::Error),
     Timeout(Duration),
 }
 
@@ -134,17 +130,13 @@ impl Failure {
 
 impl Forwarder {
     pub fn new(control: Arc<Control>, config: ForwardConfig) -> Arc<Self> {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        // Small request/response exchanges: never let Nagle hold a segment.
-        connector.set_nodelay(true);
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(config.pool_idle_timeout)
-            .build(connector);
+        let upstreams = Upstreams::new(UpstreamConfig {
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.pool_idle_timeout,
+        });
         Arc::new(Forwarder {
             control,
-            client,
+            upstreams,
             config,
             tunnels: TaskTracker::new(),
         })
@@ -156,6 +148,10 @@ impl Forwarder {
 
     pub fn tunnels(&self) -> &TaskTracker {
         &self.tunnels
+    }
+
+    pub fn upstreams(&self) -> &Arc<Upstreams> {
+        &self.upstreams
     }
 
     /// Serve one client request. Never fails: every failure becomes a
@@ -209,19 +205,28 @@ impl Forwarder {
             original_host.as_ref(),
             Either::Left(body),
         );
-        let mut outcome = self.send(upstream_req).await;
+        let mut request = upstream_req;
+        let mut retry = retry;
         let mut answered_by = index;
-
-        let retryable = match (&outcome, &retry) {
-            // Nothing of the request reached the failed version.
-            (Err(Failure::Connect(_)), Some(_)) => true,
-            // The connection died before a response head (a killed pod, a
-            // reset pooled connection). HTTP lets a client repeat an
-            // idempotent request (RFC 9110 9.2.2), and this one had no body.
-            (Err(Failure::Reset(_)), Some((method, ..))) => is_idempotent(method),
-            _ => false,
-        };
-        if let (true, Some((method, uri, headers, target))) = (retryable, retry) {
+        // One `.await` serves the first attempt and the retry, so this
+        // future holds room for one exchange, not two (it is copied on
+        // every request).
+        let outcome = loop {
+            let attempt = &snap.versions[answered_by];
+            let outcome = self.send(attempt, request, upgrade.is_some()).await;
+            let retryable = match (&outcome, &retry) {
+                // Nothing of the request reached the failed version.
+                (Err(Failure::Connect(_)), Some(_)) => true,
+                // The connection died before a response head (a killed pod,
+                // a reset pooled connection). HTTP lets a client repeat an
+                // idempotent request (RFC 9110 9.2.2), and this one had no
+                // body.
+                (Err(Failure::Reset(_)), Some((method, ..))) => is_idempotent(method),
+                _ => false,
+            };
+            let (Some((method, uri, headers, target)), true) = (retry.take(), retryable) else {
+                break outcome;
+            };
             // The target answers instead of the client seeing a 502. The
             // failure still counts against the failed version.
             let failure = outcome.as_ref().err().unwrap();
@@ -231,7 +236,7 @@ impl Forwarder {
             first.metrics.in_flight.dec();
             let target_rt = &snap.versions[target];
             target_rt.metrics.in_flight.inc();
-            let retry_req = build_request(
+            request = build_request(
                 method,
                 &uri,
                 headers,
@@ -239,9 +244,8 @@ impl Forwarder {
                 original_host.as_ref(),
                 Either::Right(Empty::new()),
             );
-            outcome = self.send(retry_req).await;
             answered_by = target;
-        }
+        };
 
         let version = &snap.versions[answered_by];
         let observation = |status: StatusCode, error: bool| Observation {
@@ -297,21 +301,31 @@ impl Forwarder {
         }
     }
 
-    async fn send(&self, req: Request<UpstreamBody>) -> Result<Response<Incoming>, Failure> {
-        let fut = self.client.request(req);
-        let result = match self.config.upstream_timeout {
-            Some(limit) => match tokio::time::timeout(limit, fut).await {
-                Ok(r) => r,
-                Err(_) => return Err(Failure::Timeout(limit)),
-            },
-            None => fut.await,
-        };
-        result.map_err(|e| {
-            if e.is_connect() {
-                Failure::Connect(e)
+    async fn send(
+        &self,
+        version: &VersionRuntime,
+        req: Request<UpstreamBody>,
+        upgrade: bool,
+    ) -> Result<Response<PooledBody>, Failure> {
+        let opened = &version.metrics.upstream_connections;
+        // One path for both settings (no limit is a deadline that never
+        // comes), and the exchange built in place: a future kept in a local
+        // and then moved into `timeout` would take its room twice in this
+        // future, and this future is copied on every request.
+        let limit = self.config.upstream_timeout.unwrap_or(Duration::MAX);
+        let result = tokio::time::timeout(limit, async {
+            if upgrade {
+                // Boxed for the same reason as a new connection (upstream.rs).
+                Box::pin(self.upstreams.send_upgrade(&version.authority, req, opened)).await
             } else {
-                Failure::Reset(e)
+                self.upstreams.send(&version.authority, req, opened).await
             }
+        })
+        .await
+        .map_err(|_| Failure::Timeout(limit))?;
+        result.map_err(|e| match e {
+            SendError::Connect(e) => Failure::Connect(e),
+            SendError::Exchange(e) => Failure::Reset(e),
         })
     }
 
@@ -471,15 +485,13 @@ fn build_request(
     body: UpstreamBody,
 ) -> Request<UpstreamBody> {
     // Reuse the parsed path instead of formatting and re-parsing a URI.
-    let mut parts = http::uri::Parts::default();
-    parts.scheme = Some(version.scheme.clone());
-    parts.authority = Some(version.authority.clone());
-    parts.path_and_query = Some(
+    // hyper writes the URI as given: origin-form (`/path?query`), which is
+    // what an HTTP/1.1 request to an origin server carries (RFC 9112 3.2.1).
+    let upstream_uri = Uri::from(
         uri.path_and_query()
             .cloned()
             .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
     );
-    let upstream_uri = Uri::from_parts(parts).unwrap_or_else(|_| uri.clone());
     // Host as the client sent it, unless the version asks for rewriting.
     let host = if version.rewrite_host {
         Some(&version.authority_header)
@@ -552,7 +564,7 @@ impl Observation {
 /// mid-body, or when the client goes away (dropped unfinished, which is not
 /// the upstream's fault and counts as no error).
 pub struct ObservedBody {
-    inner: Either<Incoming, Full<Bytes>>,
+    inner: Either<PooledBody, Full<Bytes>>,
     obs: Option<Observation>,
 }
 

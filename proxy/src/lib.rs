@@ -4,7 +4,7 @@
 //!
 //! Request path (one way, left to right):
 //! `server` (accept, HTTP/1.1 + h2c; HTTPS with ALPN through `tls`) -> `forward` (pick a version with
-//! `split` from the current `snapshot`, rewrite, pooled upstream client,
+//! `split` from the current `snapshot`, rewrite, `upstream` keep-alive pool,
 //! stream both ways) -> `forward::ObservedBody` (one record per request) ->
 //! `metrics` and the rollback `guard`.
 //!
@@ -32,6 +32,7 @@ pub mod server;
 pub mod snapshot;
 pub mod split;
 pub mod tls;
+pub mod upstream;
 pub mod watch;
 
 use std::future::Future;
@@ -153,6 +154,7 @@ impl Proxy {
         let metrics = Metrics::new();
         let control = Control::new(table, metrics);
         let forwarder = Forwarder::new(control.clone(), config.forward.clone());
+        forwarder.upstreams().spawn_sweeper();
         let health = Arc::new(Health::default());
         let stop_accepting = CancellationToken::new();
         let stop_rest = CancellationToken::new();

@@ -57,6 +57,7 @@ pub struct Metrics {
     rollback_active: IntGaugeVec,
     rollback_resets: IntCounterVec,
     retries: IntCounterVec,
+    upstream_connections: IntCounterVec,
     tls_reloads: IntCounterVec,
     pub tls_cert_expiry: Gauge,
 }
@@ -91,6 +92,7 @@ impl Metrics {
             rollback_active: IntGaugeVec::new(opts("canary_proxy_rollback_active", "1 while a rollback of the version is latched."), v).unwrap(),
             rollback_resets: IntCounterVec::new(opts("canary_proxy_rollback_resets_total", "Latched rollbacks cleared because the operator changed the version's entry."), v).unwrap(),
             retries: IntCounterVec::new(opts("canary_proxy_retries_total", "Requests retried on the rollback target after a connect failure, by the version that failed."), v).unwrap(),
+            upstream_connections: IntCounterVec::new(opts("canary_proxy_upstream_connections_opened_total", "Connections opened to a version's upstream; it grows with the peak of concurrent requests, then only when the pool cannot reuse one."), v).unwrap(),
             tls_reloads: IntCounterVec::new(opts("canary_proxy_tls_reloads_total", "TLS certificate reload attempts, by result (success, failure)."), &["result"]).unwrap(),
             tls_cert_expiry: Gauge::with_opts(opts("canary_proxy_tls_cert_expiry_timestamp_seconds", "Unix time at which the served TLS certificate expires.")).unwrap(),
             registry,
@@ -111,6 +113,7 @@ impl Metrics {
             Box::new(m.rollback_active.clone()),
             Box::new(m.rollback_resets.clone()),
             Box::new(m.retries.clone()),
+            Box::new(m.upstream_connections.clone()),
             Box::new(m.tls_reloads.clone()),
             Box::new(m.tls_cert_expiry.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
@@ -140,6 +143,7 @@ impl Metrics {
             ]
             .map(|k| self.upstream_errors.with_label_values(&[name, k.as_str()])),
             retries: self.retries.with_label_values(&[name]),
+            upstream_connections: self.upstream_connections.with_label_values(&[name]),
             rollbacks: self.rollbacks.with_label_values(&[name]),
             rollback_resets: self.rollback_resets.with_label_values(&[name]),
         }
@@ -164,7 +168,12 @@ impl Metrics {
         for vec in [&self.weight, &self.effective_weight, &self.error_ratio] {
             let _ = vec.remove_label_values(&[name]);
         }
-        for vec in [&self.rollbacks, &self.rollback_resets, &self.retries] {
+        for vec in [
+            &self.rollbacks,
+            &self.rollback_resets,
+            &self.retries,
+            &self.upstream_connections,
+        ] {
             let _ = vec.remove_label_values(&[name]);
         }
         let _ = self.rollback_active.remove_label_values(&[name]);
@@ -244,6 +253,7 @@ pub struct VersionMetrics {
     pub in_flight: IntGauge,
     upstream_errors: [IntCounter; 3],
     pub retries: IntCounter,
+    pub upstream_connections: IntCounter,
     pub rollbacks: IntCounter,
     pub rollback_resets: IntCounter,
 }

@@ -127,6 +127,8 @@ impl Protocols {
     fn new(config: &ServerConfig) -> Self {
         let mut http1 = http1::Builder::new();
         http1
+            // One write per response instead of writev: see upstream.rs.
+            .writev(false)
             .timer(TokioTimer::new())
             .header_read_timeout(config.header_read_timeout);
         let mut http2 = http2::Builder::new(TokioExecutor::new());

@@ -1,0 +1,403 @@
+//! Keep-alive connections to the upstreams, reused across requests.
+//!
+//! Each connection is driven by whoever is using it, not by a task of its
+//! own: the request's task while it waits for the response head, then the
+//! response body, as the client connection reads it. So the upstream side of
+//! a request costs no task switch at all. hyper-util's pooled client runs
+//! every connection in its own task and spawns one more task per request to
+//! put the connection back; on the one core the headline benchmark gives a
+//! proxy, those wake-ups were a measurable share of the cost per request
+//! (docs/performance.md has the numbers).
+//!
+//! While a connection sits idle in the pool nobody polls it. That is safe:
+//! tokio records a socket's readiness even when no task waits on it, so the
+//! poll at checkout notices an upstream that closed the connection
+//! meanwhile, and a request that never left for a closed connection goes to
+//! another one. A sweep drops connections that have idled too long.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::Authority;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{Either, Empty};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// Body sent upstream: the client's, streamed, or nothing on a retry.
+pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+
+type Driver = http1::Connection<TokioIo<TcpStream>, UpstreamBody>;
+
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    pub connect_timeout: Duration,
+    /// An idle connection older than this is closed instead of reused.
+    pub idle_timeout: Duration,
+}
+
+/// Why no response came back.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// Nothing reached the upstream.
+    #[error("{0}")]
+    Connect(#[from] ConnectError),
+    /// The connection failed after the request was (maybe partly) sent and
+    /// before the response head arrived.
+    #[error("{0}")]
+    Exchange(#[source] hyper::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect timed out after {}", humantime::format_duration(*.0))]
+    Timeout(Duration),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("HTTP/1.1 handshake failed: {0}")]
+    Handshake(#[source] hyper::Error),
+}
+
+/// The idle connections of every upstream, by authority. One pool for all
+/// versions, so a reload keeps the warm connections of every upstream that
+/// did not change.
+#[derive(Debug)]
+pub struct Upstreams {
+    idle: Mutex<HashMap<Authority, Vec<Idle>>>,
+    config: UpstreamConfig,
+}
+
+#[derive(Debug)]
+struct Idle {
+    conn: Conn,
+    since: Instant,
+}
+
+/// One HTTP/1.1 connection: the handle requests go in by, and the state
+/// machine that must be polled for them to make progress.
+struct Conn {
+    sender: http1::SendRequest<UpstreamBody>,
+    /// `None` once the connection has ended. Boxed: a `Conn` moves in and
+    /// out of the pool on every request, and hyper's state is large.
+    driver: Option<Pin<Box<Driver>>>,
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Conn")
+            .field("open", &self.driver.is_some())
+            .finish()
+    }
+}
+
+impl Conn {
+    /// Let the connection do what it can; false once it has ended. Errors
+    /// need no handling here: hyper hands them to the request or the body
+    /// waiting on this connection.
+    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Some(driver) = &mut self.driver {
+            if let Poll::Ready(result) = driver.as_mut().poll(cx) {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "upstream connection ended with an error");
+                }
+                // Dropping the driver also fails any request still waiting
+                // on it, so nothing can wait forever.
+                self.driver = None;
+            }
+        }
+        self.driver.is_some()
+    }
+
+    /// Whether the next request can go out on this connection now.
+    fn reusable(&mut self, cx: &mut Context<'_>) -> bool {
+        self.drive(cx) && self.sender.is_ready()
+    }
+}
+
+impl Upstreams {
+    pub fn new(config: UpstreamConfig) -> Arc<Self> {
+        Arc::new(Upstreams {
+            idle: Mutex::new(HashMap::new()),
+            config,
+        })
+    }
+
+    /// Send `req` to `authority` over a pooled connection, or a new one when
+    /// none is idle. `opened` counts new connections.
+    ///
+    /// The response's body keeps the connection and drives it while the
+    /// client reads; at its end the connection goes back to the pool.
+    pub async fn send(
+        self: &Arc<Self>,
+        authority: &Authority,
+        mut req: Request<UpstreamBody>,
+        opened: &prometheus::IntCounter,
+    ) -> Result<Response<PooledBody>, SendError> {
+        loop {
+            let (mut conn, pooled) = match self.checkout(authority).await {
+                Some(conn) => (conn, true),
+                None => {
+                    // Boxed: connecting is rare with a warm pool, and its
+                    // future (name lookup included) would otherwise make the
+                    // future of every request, which is copied, kilobytes
+                    // larger.
+                    let conn = Box::pin(self.connect(authority)).await?;
+                    opened.inc();
+                    (conn, false)
+                }
+            };
+            let response = conn.sender.try_send_request(req);
+            let mut response = std::pin::pin!(response);
+            let result = std::future::poll_fn(|cx| {
+                conn.drive(cx);
+                // Only driving the connection, right above, can complete
+                // the response. Polled with a real waker, hyper would wake
+                // this task when it hands the response over (from inside
+                // this very poll), and the whole client connection would be
+                // polled once more for nothing.
+                response.as_mut().poll(&mut quiet())
+            })
+            .await;
+            match result {
+                Ok(resp) => {
+                    let lease = Lease {
+                        conn,
+                        home: self.clone(),
+                        authority: authority.clone(),
+                    };
+                    return Ok(resp.map(|body| PooledBody {
+                        inner: body,
+                        lease: Some(lease),
+                    }));
+                }
+                Err(mut e) => match e.take_message() {
+                    // The pooled connection closed before the request left:
+                    // nothing was sent, so another connection may take it.
+                    Some(unsent) if pooled => req = unsent,
+                    _ => return Err(SendError::Exchange(e.into_error())),
+                },
+            }
+        }
+    }
+
+    /// Send an upgrade request (WebSocket) on a connection of its own, run in
+    /// a task of its own, since after a `101` it becomes a tunnel that
+    /// outlives this request. Such connections are never pooled.
+    pub async fn send_upgrade(
+        &self,
+        authority: &Authority,
+        req: Request<UpstreamBody>,
+        opened: &prometheus::IntCounter,
+    ) -> Result<Response<PooledBody>, SendError> {
+        let Conn {
+            mut sender, driver, ..
+        } = self.connect(authority).await?;
+        opened.inc();
+        if let Some(driver) = driver {
+            tokio::spawn(async move {
+                let driver = Pin::into_inner(driver);
+                if let Err(e) = driver.with_upgrades().await {
+                    tracing::debug!(error = %e, "upstream upgrade connection ended with an error");
+                }
+            });
+        }
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(SendError::Exchange)?;
+        Ok(resp.map(|body| PooledBody {
+            inner: body,
+            lease: None,
+        }))
+    }
+
+    /// The most recently used idle connection that can take a request now.
+    async fn checkout(&self, authority: &Authority) -> Option<Conn> {
+        loop {
+            let idle = {
+                let mut pool = self.idle.lock().expect("upstream pool lock");
+                pool.get_mut(authority)?.pop()?
+            };
+            if idle.since.elapsed() > self.config.idle_timeout {
+                // The rest of the list is older still.
+                if let Some(list) = self
+                    .idle
+                    .lock()
+                    .expect("upstream pool lock")
+                    .get_mut(authority)
+                {
+                    list.clear();
+                }
+                return None;
+            }
+            let mut conn = idle.conn;
+            // Without this task's waker: the request this connection takes
+            // next would wake it for nothing. The exchange polls it with the
+            // real waker right after.
+            if conn.reusable(&mut quiet()) {
+                return Some(conn);
+            }
+        }
+    }
+
+    fn checkin(&self, authority: Authority, conn: Conn) {
+        let mut pool = self.idle.lock().expect("upstream pool lock");
+        pool.entry(authority).or_default().push(Idle {
+            conn,
+            since: Instant::now(),
+        });
+    }
+
+    async fn connect(&self, authority: &Authority) -> Result<Conn, ConnectError> {
+        let port = authority.port_u16().unwrap_or(80);
+        // An IPv6 literal comes bracketed in an authority.
+        let host = authority
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let limit = self.config.connect_timeout;
+        let stream = tokio::time::timeout(limit, TcpStream::connect((host, port)))
+            .await
+            .map_err(|_| ConnectError::Timeout(limit))??;
+        // Small request/response exchanges: never let Nagle hold a segment.
+        stream.set_nodelay(true)?;
+        // Notice an upstream host that vanished while a connection idles.
+        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+        socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
+        let (sender, driver) = http1::Builder::new()
+            // One write per message: the heads and bodies a proxy relays are
+            // small, and copying them together is cheaper than writev.
+            .writev(false)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(ConnectError::Handshake)?;
+        Ok(Conn {
+            sender,
+            driver: Some(Box::pin(driver)),
+        })
+    }
+
+    /// Close idle connections that expired or that the upstream closed.
+    /// Checkout does this lazily; the sweep also frees the descriptors when
+    /// traffic stops altogether.
+    pub fn sweep(&self) {
+        let mut cx = quiet();
+        let limit = self.config.idle_timeout;
+        let mut pool = self.idle.lock().expect("upstream pool lock");
+        for list in pool.values_mut() {
+            list.retain_mut(|idle| idle.since.elapsed() <= limit && idle.conn.drive(&mut cx));
+        }
+        pool.retain(|_, list| !list.is_empty());
+    }
+
+    /// Idle connections now, for tests and `/status`.
+    pub fn idle_count(&self) -> usize {
+        let pool = self.idle.lock().expect("upstream pool lock");
+        pool.values().map(Vec::len).sum()
+    }
+
+    /// Sweep every so often until the returned task is aborted.
+    pub fn spawn_sweeper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let weak = Arc::downgrade(self);
+        let every =
+            (self.config.idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(15));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(upstreams) => upstreams.sweep(),
+                    None => return,
+                }
+            }
+        })
+    }
+}
+
+/// A context whose waker does nothing, for polls whose outcome is read
+/// right away and that must not leave this task's waker behind.
+fn quiet() -> Context<'static> {
+    Context::from_waker(std::task::Waker::noop())
+}
+
+/// A connection on loan to one exchange; back to the pool when the response
+/// body has ended, closed if it is dropped before that.
+struct Lease {
+    conn: Conn,
+    home: Arc<Upstreams>,
+    authority: Authority,
+}
+
+impl Lease {
+    fn release(mut self) {
+        // One more poll lets hyper settle the finished exchange and ask for
+        // the next request; a connection that cannot is not reused. No
+        // waker: nothing waits on an idle connection (checkout polls it).
+        if self.conn.reusable(&mut quiet()) {
+            self.home.checkin(self.authority, self.conn);
+        }
+    }
+}
+
+/// The upstream's response body. Polling it also drives the connection it
+/// arrives on, which no other task does.
+pub struct PooledBody {
+    inner: Incoming,
+    lease: Option<Lease>,
+}
+
+impl Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = &mut *self;
+        if let Some(lease) = &mut this.lease {
+            lease.conn.drive(cx);
+        }
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => {
+                if let Some(lease) = this.lease.take() {
+                    lease.release();
+                }
+            }
+            Poll::Ready(Some(Err(_))) => this.lease = None,
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // A body with nothing in it (HEAD, 204, 304, length 0) may be dropped
+        // without a poll; its connection is still good. Anything else
+        // dropped unfinished leaves the connection mid-message: it closes.
+        if let Some(lease) = self.lease.take() {
+            if self.inner.is_end_stream() {
+                lease.release();
+            }
+        }
+    }
+}

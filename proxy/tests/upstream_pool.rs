@@ -1,0 +1,233 @@
+//! The upstream connection pool, seen from the outside: keep-alive
+//! connections are reused, a connection the upstream closed while it idled
+//! is never handed a request, and idle connections are closed on time.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpListener;
+
+fn opened(metrics: &str, version: &str) -> f64 {
+    sample(
+        metrics,
+        "canary_proxy_upstream_connections_opened_total",
+        &[("version", version)],
+    )
+    .unwrap_or(0.0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sequential_requests_reuse_one_upstream_connection() {
+    let up = raw_upstream(false).await;
+    let proxy = TestProxy::start(&routes(&[("stable", up.addr, 100)], None)).await;
+    let client = client();
+    // GET and HEAD in turn: a HEAD answer has no body to read, so its
+    // connection goes back to the pool by another path.
+    for i in 0..200 {
+        let method = if i % 2 == 0 {
+            Method::GET
+        } else {
+            Method::HEAD
+        };
+        let req = Request::builder()
+            .method(method.clone())
+            .uri(format!("http://{}/ping", proxy.addr))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap();
+        let resp = client.request(req).await.expect("the proxy answers");
+        assert_eq!(resp.status(), StatusCode::OK, "request {i} ({method})");
+        let body = resp.into_body().collect().await.expect("whole body");
+        let expected: &[u8] = if method == Method::HEAD { b"" } else { b"ok" };
+        assert_eq!(&body.to_bytes()[..], expected, "request {i} ({method})");
+    }
+    let m = proxy.metrics().await;
+    assert_eq!(
+        opened(&m, "stable"),
+        1.0,
+        "200 requests one after another need one upstream connection"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_open_at_most_one_connection_each() {
+    let b = backend("v1", 0.0, Duration::from_millis(2)).await;
+    let proxy = TestProxy::start(&routes(&[("stable", b.addr(), 100)], None)).await;
+    let load = Load::start(proxy.addr, 8, 2000, Duration::from_secs(60));
+    let (ok, failed, first_error) = load.finish_when_done().await;
+    assert_eq!(failed, 0, "no request fails: {first_error:?}");
+    assert_eq!(ok, 2000);
+    let n = opened(&proxy.metrics().await, "stable");
+    assert!(
+        (1.0..=8.0).contains(&n),
+        "8 clients at a time need between 1 and 8 upstream connections, not one per request: opened {n}"
+    );
+    proxy.shutdown().await;
+    b.shutdown().await.unwrap();
+}
+
+/// An HTTP/1.1 upstream written out by hand, to control exactly when it
+/// closes connections: it answers `200 ok` to every request (the head
+/// alone to HEAD) and, with
+/// `close_after_answer`, closes the connection right after the answer
+/// without saying so (no `Connection: close`), as a server whose keep-alive
+/// timeout just fired does.
+struct RawUpstream {
+    addr: SocketAddr,
+    closed_by_peer: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn raw_upstream(close_after_answer: bool) -> RawUpstream {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let closed_by_peer = Arc::new(AtomicU64::new(0));
+    let closed = closed_by_peer.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let closed = closed.clone();
+            tokio::spawn(async move {
+                let mut stream = BufReader::new(stream);
+                loop {
+                    let mut length = 0usize;
+                    let mut head_only = false;
+                    let mut line = String::new();
+                    // The request head, line by line.
+                    loop {
+                        line.clear();
+                        match stream.read_line(&mut line).await {
+                            Ok(0) | Err(_) => {
+                                closed.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
+                            Ok(_) => {}
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head_only |= line.starts_with("HEAD ");
+                        if let Some((name, value)) = line.split_once(':') {
+                            if name.eq_ignore_ascii_case("content-length") {
+                                length = value.trim().parse().unwrap_or(0);
+                            }
+                        }
+                    }
+                    let mut body = vec![0u8; length];
+                    if stream.read_exact(&mut body).await.is_err() {
+                        return;
+                    }
+                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    // A HEAD answer is the head alone (RFC 9110 9.3.2).
+                    let answer = if head_only {
+                        &answer[..answer.len() - 2]
+                    } else {
+                        &answer[..]
+                    };
+                    if stream.get_mut().write_all(answer).await.is_err() {
+                        return;
+                    }
+                    if close_after_answer {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    RawUpstream {
+        addr,
+        closed_by_peer,
+        task,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_upstream_closed_while_idle_gets_no_request() {
+    let up = raw_upstream(true).await;
+    let proxy = TestProxy::start(&routes(&[("stable", up.addr, 100)], None)).await;
+    let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    // POST is not retried, so a request sent on a dead pooled connection
+    // would surface as a 502: each must find the closed one and skip it.
+    for i in 0..5 {
+        let req = Request::post(format!("http://{}/orders", proxy.addr))
+            .body(Full::new(Bytes::from_static(b"{\"n\":1}")))
+            .unwrap();
+        let resp = client.request(req).await.expect("the proxy answers");
+        let status = resp.status();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "POST {i}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        assert_eq!(&body[..], b"ok");
+        // Give the upstream's close time to arrive before the next request.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = proxy.metrics().await;
+    assert_eq!(
+        opened(&m, "stable"),
+        5.0,
+        "each answer came on a new connection"
+    );
+    for kind in ["connect", "reset", "timeout"] {
+        assert_eq!(
+            sample(
+                &m,
+                "canary_proxy_upstream_errors_total",
+                &[("version", "stable"), ("kind", kind)]
+            )
+            .unwrap_or(0.0),
+            0.0,
+            "no upstream error of kind {kind}"
+        );
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_after_the_idle_timeout() {
+    let up = raw_upstream(false).await;
+    let proxy = TestProxy::start_with(&routes(&[("stable", up.addr, 100)], None), |c| {
+        c.forward.pool_idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let client = client();
+    let first = get(&client, proxy.addr, "/").await.expect("first answer");
+    assert_eq!(first.status, StatusCode::OK);
+    // Nothing else happens: the sweep alone must close the idle connection.
+    eventually(
+        Duration::from_secs(10),
+        "the proxy closes its idle upstream connection",
+        || async { (up.closed_by_peer.load(Ordering::SeqCst) == 1).then_some(()) },
+    )
+    .await;
+    let second = get(&client, proxy.addr, "/").await.expect("second answer");
+    assert_eq!(second.status, StatusCode::OK);
+    assert_eq!(
+        opened(&proxy.metrics().await, "stable"),
+        2.0,
+        "the expired connection was not reused"
+    );
+    proxy.shutdown().await;
+}
