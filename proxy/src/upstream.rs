@@ -138,54 +138,59 @@ impl Upstreams {
     pub async fn send(
         self: &Arc<Self>,
         authority: &Authority,
-        mut req: Request<UpstreamBody>,
+        req: Request<UpstreamBody>,
         opened: &prometheus::IntCounter,
     ) -> Result<Response<PooledBody>, SendError> {
-        loop {
-            let (mut conn, pooled) = match self.checkout(authority).await {
-                Some(conn) => (conn, true),
-                None => {
-                    // Boxed: connecting is rare with a warm pool, and its
-                    // future (name lookup included) would otherwise make the
-                    // future of every request, which is copied, kilobytes
-                    // larger.
-                    let conn = Box::pin(self.connect(authority)).await?;
-                    opened.inc();
-                    (conn, false)
-                }
-            };
-            let response = conn.sender.try_send_request(req);
-            let mut response = std::pin::pin!(response);
-            let result = std::future::poll_fn(|cx| {
-                conn.drive(cx);
-                // Only driving the connection, right above, can complete
-                // the response. Polled with a real waker, hyper would wake
-                // this task when it hands the response over (from inside
-                // this very poll), and the whole client connection would be
-                // polled once more for nothing.
-                response.as_mut().poll(&mut quiet())
-            })
-            .await;
-            match result {
-                Ok(resp) => {
-                    let lease = Lease {
-                        conn,
-                        home: self.clone(),
-                        authority: authority.clone(),
-                    };
-                    return Ok(resp.map(|body| PooledBody {
-                        inner: body,
-                        lease: Some(lease),
-                    }));
-                }
+        let req = match self.checkout(authority) {
+            Some(conn) => match self.exchange(conn, authority, req).await {
+                Ok(resp) => return Ok(resp),
                 Err(mut e) => match e.take_message() {
-                    // The pooled connection closed before the request left:
-                    // nothing was sent, so another connection may take it.
-                    Some(unsent) if pooled => req = unsent,
-                    _ => return Err(SendError::Exchange(e.into_error())),
+                    // The connection closed in the instant between checkout
+                    // and sending; nothing was sent, so a new one may take it.
+                    Some(unsent) => unsent,
+                    None => return Err(SendError::Exchange(e.into_error())),
                 },
-            }
-        }
+            },
+            None => req,
+        };
+        // Boxed: connecting is rare with a warm pool, and its future (name
+        // lookup included) would otherwise make the future of every request,
+        // which is copied, kilobytes larger.
+        let conn = Box::pin(self.connect(authority)).await?;
+        opened.inc();
+        self.exchange(conn, authority, req)
+            .await
+            .map_err(|e| SendError::Exchange(e.into_error()))
+    }
+
+    /// One request on `conn`, driving it until the response head is in.
+    async fn exchange(
+        self: &Arc<Self>,
+        mut conn: Conn,
+        authority: &Authority,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<PooledBody>, hyper::client::conn::TrySendError<Request<UpstreamBody>>>
+    {
+        let mut response = std::pin::pin!(conn.sender.try_send_request(req));
+        let resp = std::future::poll_fn(|cx| {
+            conn.drive(cx);
+            // Only driving the connection, right above, can complete the
+            // response. Polled with a real waker, hyper would wake this task
+            // when it hands the response over (from inside this very poll),
+            // and the whole client connection would be polled once more for
+            // nothing.
+            response.as_mut().poll(&mut quiet())
+        })
+        .await?;
+        let lease = Lease {
+            conn,
+            home: self.clone(),
+            authority: authority.clone(),
+        };
+        Ok(resp.map(|body| PooledBody {
+            inner: body,
+            lease: Some(lease),
+        }))
     }
 
     /// Send an upgrade request (WebSocket) on a connection of its own, run in
@@ -220,7 +225,7 @@ impl Upstreams {
     }
 
     /// The most recently used idle connection that can take a request now.
-    async fn checkout(&self, authority: &Authority) -> Option<Conn> {
+    fn checkout(&self, authority: &Authority) -> Option<Conn> {
         loop {
             let idle = {
                 let mut pool = self.idle.lock().expect("upstream pool lock");
