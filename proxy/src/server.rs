@@ -191,17 +191,23 @@ async fn connection<A: Acceptor>(
     drain: CancellationToken,
 ) {
     let peer = info.peer;
-    let io = match acceptor.accept(stream).await {
-        Ok(io) => io,
-        Err(e) => {
-            tracing::debug!(%peer, error = %e, "connection setup failed");
-            return;
+    // The handshake and the protocol choice run once and are over before
+    // the first request; boxed, so the room their futures need is given
+    // back instead of staying in every open connection.
+    let setup = Box::pin(async {
+        let io = acceptor
+            .accept(stream)
+            .await
+            .map_err(|e| ("connection setup failed", e))?;
+        match acceptor.is_h2(&io, protocols.header_read_timeout).await {
+            Ok(h2) => Ok((io, h2)),
+            Err(e) => Err(("no request on a new connection", e)),
         }
-    };
-    let h2 = match acceptor.is_h2(&io, protocols.header_read_timeout).await {
-        Ok(h2) => h2,
-        Err(e) => {
-            tracing::debug!(%peer, error = %e, "no request on a new connection");
+    });
+    let (io, h2) = match setup.await {
+        Ok(ready) => ready,
+        Err((what, e)) => {
+            tracing::debug!(%peer, error = %e, "{what}");
             return;
         }
     };
@@ -215,13 +221,17 @@ async fn connection<A: Acceptor>(
     });
     let io = TokioIo::new(io);
     let result = if h2 {
-        let conn = protocols.http2.serve_connection(io, service);
-        until_drained(conn, drain, |c| c.graceful_shutdown()).await
+        // Boxed: h2's state is large, and would otherwise take room in
+        // every HTTP/1 connection's future too.
+        let mut conn = Box::pin(protocols.http2.serve_connection(io, service));
+        until_drained(conn.as_mut(), drain, |c| c.graceful_shutdown()).await
     } else {
-        let conn = protocols
+        // Pinned where it is made: moved into a helper, it would take its
+        // room in this future twice.
+        let conn = std::pin::pin!(protocols
             .http1
             .serve_connection(io, service)
-            .with_upgrades();
+            .with_upgrades());
         until_drained(conn, drain, |c| c.graceful_shutdown()).await
     };
     if let Err(e) = result {
@@ -234,11 +244,10 @@ async fn connection<A: Acceptor>(
 /// Drive a connection; when `drain` fires, ask it to shut down gracefully
 /// and keep driving it until it has.
 async fn until_drained<C: Future>(
-    conn: C,
+    mut conn: Pin<&mut C>,
     drain: CancellationToken,
     shutdown: impl FnOnce(Pin<&mut C>),
 ) -> C::Output {
-    let mut conn = std::pin::pin!(conn);
     tokio::select! {
         out = conn.as_mut() => return out,
         _ = drain.cancelled() => shutdown(conn.as_mut()),
