@@ -616,11 +616,12 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
     def compare_phase(self, other_bin, rounds):
         """This build against another canary-proxy binary, with HAProxy as
         the yardstick: the headline setup only, for checking one change."""
-        cpus = SUT_CPUS_1
-        systems = [CanaryProxy(self, 1, cpus),
-                   CanaryProxy(self, 1, cpus, binary=other_bin, label="canary-proxy (compared)"),
-                   HAProxy(self, 1, cpus)]
-        log(f"compare: {self.proxy_bin} against {other_bin}, one worker thread, on CPU {cpus}")
+        threads = self.args.compare_threads
+        cpus = SUT_CPUS_1 if threads == 1 else SUT_CPUS_2
+        systems = [CanaryProxy(self, threads, cpus),
+                   CanaryProxy(self, threads, cpus, binary=other_bin, label="canary-proxy (compared)"),
+                   HAProxy(self, threads, cpus)]
+        log(f"compare: {self.proxy_bin} against {other_bin}, {threads} worker thread(s), on CPU {cpus}")
         try:
             for s in systems:
                 s.start(self.procs)
@@ -629,7 +630,7 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
             note = (f"This build against `{other_bin}`. `wrk -t{WRK_THREADS} -c{CONNECTIONS} "
                     f"-d{self.args.duration}s`, {rounds} rounds alternating, {self.args.warmup}s warm-up each; "
                     f"load average before {load_before}, after {loadavg()}.")
-            return self.summarise("Compare: one worker thread each", systems, res, note)
+            return self.summarise(f"Compare: {threads} worker thread(s) each", systems, res, note)
         finally:
             for s in systems:
                 if s.proc:
@@ -898,6 +899,8 @@ def main():
     ap.add_argument("--tls-rounds", type=int)
     ap.add_argument("--idle-conns", type=int)
     ap.add_argument("--idle-hold", type=float)
+    ap.add_argument("--compare-threads", type=int, default=1, choices=(1, 2),
+                    help="worker threads of every system in --compare (2: the second figure's setup)")
     ap.add_argument("--compare", metavar="BIN", help="only the headline setup: this build against another "
                     "canary-proxy binary (and HAProxy), to measure one change; writes <date>-compare.md")
     args = ap.parse_args()

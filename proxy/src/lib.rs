@@ -17,6 +17,9 @@
 //! Admin path: `admin` serves `/healthz`, `/readyz`, `/metrics`, `/status`
 //! on a port of its own.
 //!
+//! Client connections run on the event loops of `workers` (one, or one per
+//! thread with `--threads N`), each with its own `upstream` pool.
+//!
 //! [`Proxy`] wires these together; `main.rs` only parses flags. `demo` runs
 //! the whole thing locally with two in-process ping backends.
 #![forbid(unsafe_code)]
@@ -34,6 +37,7 @@ pub mod split;
 pub mod tls;
 pub mod upstream;
 pub mod watch;
+pub mod workers;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -47,12 +51,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::Health;
 use crate::control::Control;
-use crate::forward::{ForwardConfig, Forwarder};
+use crate::forward::ForwardConfig;
 use crate::metrics::Metrics;
 use crate::routes::RoutesError;
 use crate::server::{Plain, ServerConfig};
 use crate::tls::{Tls, TlsConfig, TlsError};
 use crate::watch::WatchConfig;
+use crate::workers::Workers;
 
 /// Everything `canary-proxy run` is configured with, minus the sockets.
 #[derive(Debug, Clone)]
@@ -68,6 +73,10 @@ pub struct RunConfig {
     pub watch: WatchConfig,
     /// The HTTPS listener's certificate; needed iff `Listeners::tls` is set.
     pub tls: Option<TlsConfig>,
+    /// Event loops for client connections: 1 serves them on the runtime
+    /// that calls [`Proxy::start`]; N > 1 starts N threads, each with a
+    /// single-threaded runtime (see `workers`).
+    pub threads: usize,
 }
 
 impl RunConfig {
@@ -80,6 +89,7 @@ impl RunConfig {
             forward: ForwardConfig::default(),
             watch: WatchConfig::default(),
             tls: None,
+            threads: 1,
         }
     }
 }
@@ -104,13 +114,15 @@ pub enum StartError {
     NoListener,
     #[error("an HTTPS listener needs a certificate and a key, and a certificate needs an HTTPS listener: give --tls-listen, --tls-cert and --tls-key together")]
     TlsIncomplete,
+    #[error("cannot start the worker threads: {0}; try fewer --threads")]
+    Threads(#[source] std::io::Error),
 }
 
 /// A running proxy.
 #[derive(Debug)]
 pub struct Proxy {
     control: Arc<Control>,
-    forwarder: Arc<Forwarder>,
+    workers: Arc<Workers>,
     health: Arc<Health>,
     config: RunConfig,
     stop_accepting: CancellationToken,
@@ -153,8 +165,10 @@ impl Proxy {
 
         let metrics = Metrics::new();
         let control = Control::new(table, metrics);
-        let forwarder = Forwarder::new(control.clone(), config.forward.clone());
-        forwarder.upstreams().spawn_sweeper();
+        let workers = Arc::new(
+            Workers::start(config.threads, &control, &config.forward)
+                .map_err(StartError::Threads)?,
+        );
         let health = Arc::new(Health::default());
         let stop_accepting = CancellationToken::new();
         let stop_rest = CancellationToken::new();
@@ -188,7 +202,7 @@ impl Proxy {
             servers.push(tokio::spawn(server::serve(
                 listener,
                 Arc::new(Plain),
-                forwarder.clone(),
+                workers.clone(),
                 config.server.clone(),
                 stop_accepting.clone(),
             )));
@@ -208,7 +222,7 @@ impl Proxy {
             servers.push(tokio::spawn(server::serve(
                 listener,
                 Arc::new(tls.acceptor()),
-                forwarder.clone(),
+                workers.clone(),
                 config.server.clone(),
                 stop_accepting.clone(),
             )));
@@ -216,7 +230,7 @@ impl Proxy {
         tracing::info!(addr = %admin_addr, "serving admin endpoints: /healthz /readyz /metrics /status");
         Ok(Proxy {
             control,
-            forwarder,
+            workers,
             health,
             config,
             stop_accepting,
@@ -262,11 +276,18 @@ impl Proxy {
                 graceful.push(g);
             }
         }
-        let tunnels = self.forwarder.tunnels().clone();
-        tunnels.close();
+        let tunnels: Vec<_> = self
+            .workers
+            .lanes()
+            .iter()
+            .map(|lane| lane.forwarder.tunnels().clone())
+            .collect();
+        for t in &tunnels {
+            t.close();
+        }
         let finished = tokio::time::timeout(self.config.shutdown_timeout, async {
             futures_util::future::join_all(graceful.into_iter().map(|g| g.shutdown())).await;
-            tunnels.wait().await;
+            futures_util::future::join_all(tunnels.iter().map(|t| t.wait())).await;
         })
         .await
         .is_ok();
@@ -274,11 +295,12 @@ impl Proxy {
             tracing::info!("all connections finished; exiting");
         } else {
             tracing::warn!(
-                tunnels = tunnels.len(),
+                tunnels = tunnels.iter().map(|t| t.len()).sum::<usize>(),
                 "shutdown timeout reached with requests still in flight; exiting anyway"
             );
         }
         self.stop_rest.cancel();
+        self.workers.stop().await;
         finished
     }
 }

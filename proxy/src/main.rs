@@ -78,7 +78,7 @@ struct RunArgs {
     /// Drop an HTTPS client that has not finished the TLS handshake within this long (e.g. 10s).
     #[arg(long, env = "CANARY_PROXY_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     tls_handshake_timeout: Duration,
-    /// Worker threads; 0 means one per CPU core.
+    /// Threads serving client connections, each with an event loop of its own; 0 means one per CPU core. New connections go to the threads in turn.
     #[arg(long, env = "CANARY_PROXY_THREADS", default_value_t = 0)]
     threads: usize,
 }
@@ -252,7 +252,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     args.common.apply(&mut config);
     config.drain_delay = args.drain_delay;
     config.shutdown_timeout = args.shutdown_timeout;
-    runtime(args.threads)?.block_on(async move {
+    config.threads = match args.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    // Client connections get threads of their own when there are several
+    // (see workers.rs); this one thread accepts, and runs the admin
+    // endpoints and the control plane.
+    runtime(1)?.block_on(async move {
         let traffic = match args.listen.0 {
             Some(addr) => Some(bind(addr, "--listen").await?),
             None => None,

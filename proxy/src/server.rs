@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::forward::{ConnInfo, Forwarder};
+use crate::workers::Workers;
 
 /// What every HTTP/2 connection starts with (RFC 9113 section 3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -146,7 +147,7 @@ impl Protocols {
 pub async fn serve<A: Acceptor>(
     listener: TcpListener,
     acceptor: Arc<A>,
-    forwarder: Arc<Forwarder>,
+    workers: Arc<Workers>,
     config: ServerConfig,
     stop: CancellationToken,
 ) -> Connections {
@@ -170,14 +171,38 @@ pub async fn serve<A: Acceptor>(
         };
         let _ = stream.set_nodelay(true);
         let info = ConnInfo::new(peer, acceptor.is_tls());
-        connections.tracker.spawn(connection(
-            stream,
-            info,
-            acceptor.clone(),
-            forwarder.clone(),
-            protocols.clone(),
-            connections.drain.clone(),
-        ));
+        let lane = workers.next();
+        let (acceptor, forwarder) = (acceptor.clone(), lane.forwarder.clone());
+        let (protocols, drain) = (protocols.clone(), connections.drain.clone());
+        match &lane.runtime {
+            None => {
+                connections.tracker.spawn(connection(
+                    stream, info, acceptor, forwarder, protocols, drain,
+                ));
+            }
+            Some(runtime) => {
+                // Accepted on this runtime's reactor; it must be registered
+                // with the lane's instead.
+                let stream = match stream.into_std() {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::debug!(%peer, error = %e, "cannot hand the connection to a worker thread");
+                        continue;
+                    }
+                };
+                let handed = async move {
+                    match TcpStream::from_std(stream) {
+                        Ok(stream) => {
+                            connection(stream, info, acceptor, forwarder, protocols, drain).await
+                        }
+                        Err(e) => {
+                            tracing::debug!(%peer, error = %e, "worker thread cannot take the connection")
+                        }
+                    }
+                };
+                connections.tracker.spawn_on(handed, runtime);
+            }
+        }
     }
     connections
 }

@@ -309,12 +309,13 @@ impl Upstreams {
         pool.values().map(Vec::len).sum()
     }
 
-    /// Sweep every so often until the returned task is aborted.
-    pub fn spawn_sweeper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+    /// Sweep every so often, on `runtime` (the one these connections are
+    /// registered with), for as long as the pool exists.
+    pub fn spawn_sweeper(self: &Arc<Self>, runtime: &tokio::runtime::Handle) {
         let weak = Arc::downgrade(self);
         let every =
             (self.config.idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(15));
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -324,7 +325,7 @@ impl Upstreams {
                     None => return,
                 }
             }
-        })
+        });
     }
 }
 

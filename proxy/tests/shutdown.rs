@@ -26,7 +26,16 @@ async fn sigterm_with_requests_in_flight_loses_none_and_exits_0() {
     )]);
     let mut proxy = spawn_proxy_binary(
         &cm.path("routes.toml"),
-        &["--drain-delay", "1s", "--shutdown-timeout", "10s"],
+        // Two threads, so the in-flight requests sit on both event loops
+        // and the shutdown must wait for each of them.
+        &[
+            "--drain-delay",
+            "1s",
+            "--shutdown-timeout",
+            "10s",
+            "--threads",
+            "2",
+        ],
     );
     let (addr, admin) = (proxy.addr, proxy.admin);
     assert_eq!(

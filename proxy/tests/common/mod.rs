@@ -251,6 +251,14 @@ impl TestProxy {
         metrics(self.admin).await
     }
 
+    /// Shut down; true if every request and tunnel finished in time.
+    pub async fn shutdown_finished(mut self) -> bool {
+        match self.proxy.take() {
+            Some(p) => p.shutdown().await,
+            None => true,
+        }
+    }
+
     pub async fn shutdown(mut self) {
         if let Some(p) = self.proxy.take() {
             p.shutdown().await;
