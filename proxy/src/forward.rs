@@ -6,6 +6,8 @@
 //! connect failure or a reset before the response head is `502`, an upstream
 //! timeout is `504`.
 
+use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -25,6 +27,28 @@ use crate::control::Control;
 use crate::guard;
 use crate::metrics::UpstreamErrorKind;
 use crate::snapshot::{Snapshot, VersionRuntime};
+/// What [`Forwarder::handle`] returns: hyper's service future.
+pub type Answer = Pin<Box<dyn Future<Output = Result<Response<ObservedBody>, Infallible>> + Send>>;
+
+/// A request ready to go upstream, and what answering it needs later.
+struct Plan {
+    start: Instant,
+    snap: Arc<Snapshot>,
+    index: usize,
+    request: Request<UpstreamBody>,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+    original_host: Option<HeaderValue>,
+    retry: Option<Retry>,
+}
+
+/// What a retry on the rollback target resends (a bodiless request).
+struct Retry {
+    method: http::Method,
+    uri: Uri,
+    headers: HeaderMap,
+    target: usize,
+}
+
 use crate::upstream::{
     ConnectError, PooledBody, SendError, UpstreamBody, UpstreamConfig, Upstreams,
 };
@@ -156,48 +180,60 @@ impl Forwarder {
 
     /// Serve one client request. Never fails: every failure becomes a
     /// response the client can read.
-    pub async fn handle(
+    ///
+    /// The work that needs no waiting (choosing the version, rewriting the
+    /// request) runs here, on the stack; the future holds only what must
+    /// wait for the upstream. It is boxed, and so copied, on every request.
+    pub fn handle(self: &Arc<Self>, req: Request<Incoming>, conn: &ConnInfo) -> Answer {
+        match self.prepare(req, conn) {
+            Ok(plan) => Box::pin(self.clone().forward(plan)),
+            Err(resp) => Box::pin(std::future::ready(Ok(resp))),
+        }
+    }
+
+    // The error is the proxy's own answer to a request it cannot route;
+    // both variants are moved once, on the stack, so their size is moot.
+    #[allow(clippy::result_large_err)]
+    fn prepare(
         &self,
         mut req: Request<Incoming>,
-        conn: ConnInfo,
-    ) -> Response<ObservedBody> {
+        conn: &ConnInfo,
+    ) -> Result<Plan, Response<ObservedBody>> {
         let start = Instant::now();
         let snap = self.control.load();
         let Some(index) = snap.split.pick_random() else {
             // validate() forbids all-zero weights, so this is unreachable in
             // practice; answer rather than panic if it ever is.
-            return local_response(
+            return Err(local_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no version has a weight above 0\n".into(),
-            );
+            ));
         };
         let upgrade = is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let original_host = host_of(&parts.headers, &parts.uri);
         prepare_headers(
             &mut parts.headers,
-            &conn,
+            conn,
             original_host.as_ref(),
             upgrade.is_some(),
         );
-
         // Keep what a retry on the target needs, only where one can happen:
         // a non-target version and a request with no body to replay.
         let retry = match snap.target() {
             Some(target) if target.index != index && body.is_end_stream() && upgrade.is_none() => {
-                Some((
-                    parts.method.clone(),
-                    parts.uri.clone(),
-                    parts.headers.clone(),
-                    target.index,
-                ))
+                Some(Retry {
+                    method: parts.method.clone(),
+                    uri: parts.uri.clone(),
+                    headers: parts.headers.clone(),
+                    target: target.index,
+                })
             }
             _ => None,
         };
-
         let first = &snap.versions[index];
         first.metrics.in_flight.inc();
-        let upstream_req = build_request(
+        let request = build_request(
             parts.method,
             &parts.uri,
             parts.headers,
@@ -205,48 +241,87 @@ impl Forwarder {
             original_host.as_ref(),
             Either::Left(body),
         );
-        let mut request = upstream_req;
-        let mut retry = retry;
+        Ok(Plan {
+            start,
+            snap,
+            index,
+            request,
+            upgrade,
+            original_host,
+            retry,
+        })
+    }
+
+    async fn forward(
+        self: Arc<Self>,
+        mut plan: Plan,
+    ) -> Result<Response<ObservedBody>, Infallible> {
+        let snap = plan.snap.clone();
+        let index = plan.index;
+        let first = &snap.versions[index];
+        let limit = self.config.upstream_timeout.unwrap_or(Duration::MAX);
         let mut answered_by = index;
         // One `.await` serves the first attempt and the retry, so this
-        // future holds room for one exchange, not two (it is copied on
-        // every request).
+        // future holds room for one exchange, not two.
         let outcome = loop {
             let attempt = &snap.versions[answered_by];
-            let outcome = self.send(attempt, request, upgrade.is_some()).await;
-            let retryable = match (&outcome, &retry) {
+            // No limit is a deadline that never comes: one path for both.
+            let exchange = self.upstreams.send(
+                &attempt.authority,
+                plan.request,
+                &attempt.metrics.upstream_connections,
+                plan.upgrade.is_some(),
+            );
+            let outcome = match tokio::time::timeout(limit, exchange).await {
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(SendError::Connect(e))) => Err(Failure::Connect(e)),
+                Ok(Err(SendError::Exchange(e))) => Err(Failure::Reset(e)),
+                Err(_) => Err(Failure::Timeout(limit)),
+            };
+            let retryable = match (&outcome, &plan.retry) {
                 // Nothing of the request reached the failed version.
                 (Err(Failure::Connect(_)), Some(_)) => true,
                 // The connection died before a response head (a killed pod,
                 // a reset pooled connection). HTTP lets a client repeat an
                 // idempotent request (RFC 9110 9.2.2), and this one had no
                 // body.
-                (Err(Failure::Reset(_)), Some((method, ..))) => is_idempotent(method),
+                (Err(Failure::Reset(_)), Some(retry)) => is_idempotent(&retry.method),
                 _ => false,
             };
-            let (Some((method, uri, headers, target)), true) = (retry.take(), retryable) else {
+            let (Some(retry), true) = (plan.retry.take(), retryable) else {
                 break outcome;
             };
             // The target answers instead of the client seeing a 502. The
             // failure still counts against the failed version.
             let failure = outcome.as_ref().err().unwrap();
-            tracing::warn!(version = %first.name, target = %snap.versions[target].name, error = %failure.describe(first), "upstream failed before answering; retrying once on the rollback target");
+            let target_rt = &snap.versions[retry.target];
+            tracing::warn!(version = %first.name, target = %target_rt.name, error = %failure.describe(first), "upstream failed before answering; retrying once on the rollback target");
             self.record_failed_attempt(&snap, index, failure.kind());
             first.metrics.retries.inc();
             first.metrics.in_flight.dec();
-            let target_rt = &snap.versions[target];
             target_rt.metrics.in_flight.inc();
-            request = build_request(
-                method,
-                &uri,
-                headers,
+            plan.request = build_request(
+                retry.method,
+                &retry.uri,
+                retry.headers,
                 target_rt,
-                original_host.as_ref(),
+                plan.original_host.as_ref(),
                 Either::Right(Empty::new()),
             );
-            answered_by = target;
+            answered_by = retry.target;
         };
+        Ok(self.respond(&snap, plan.start, plan.upgrade, answered_by, outcome))
+    }
 
+    /// The client's response: the upstream's, or the proxy's own 502/504.
+    fn respond(
+        &self,
+        snap: &Arc<Snapshot>,
+        start: Instant,
+        upgrade: Option<hyper::upgrade::OnUpgrade>,
+        answered_by: usize,
+        outcome: Result<Response<PooledBody>, Failure>,
+    ) -> Response<ObservedBody> {
         let version = &snap.versions[answered_by];
         let observation = |status: StatusCode, error: bool| Observation {
             snap: snap.clone(),
@@ -299,34 +374,6 @@ impl Forwarder {
                 resp
             }
         }
-    }
-
-    async fn send(
-        &self,
-        version: &VersionRuntime,
-        req: Request<UpstreamBody>,
-        upgrade: bool,
-    ) -> Result<Response<PooledBody>, Failure> {
-        let opened = &version.metrics.upstream_connections;
-        // One path for both settings (no limit is a deadline that never
-        // comes), and the exchange built in place: a future kept in a local
-        // and then moved into `timeout` would take its room twice in this
-        // future, and this future is copied on every request.
-        let limit = self.config.upstream_timeout.unwrap_or(Duration::MAX);
-        let result = tokio::time::timeout(limit, async {
-            if upgrade {
-                // Boxed for the same reason as a new connection (upstream.rs).
-                Box::pin(self.upstreams.send_upgrade(&version.authority, req, opened)).await
-            } else {
-                self.upstreams.send(&version.authority, req, opened).await
-            }
-        })
-        .await
-        .map_err(|_| Failure::Timeout(limit))?;
-        result.map_err(|e| match e {
-            SendError::Connect(e) => Failure::Connect(e),
-            SendError::Exchange(e) => Failure::Reset(e),
-        })
     }
 
     /// Count a failed attempt that another version answered: the error

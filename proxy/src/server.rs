@@ -8,12 +8,12 @@
 //! in every HTTP/1 connection; choosing first saves about 5 KB per idle
 //! keep-alive connection (measured in bench/memprobe).
 
-use std::convert::Infallible;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use http::Request;
+use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::forward::{ConnInfo, Forwarder};
+use crate::forward::{Answer, ConnInfo, Forwarder};
 use crate::workers::Workers;
 
 /// What every HTTP/2 connection starts with (RFC 9113 section 3.4).
@@ -207,6 +207,23 @@ pub async fn serve<A: Acceptor>(
     connections
 }
 
+/// Drive a pinned connection; when `drain` fires, ask it to shut down
+/// gracefully and keep driving it until it has. A macro rather than a
+/// function: a generic helper taking the shutdown as a closure defeats the
+/// compiler's proof that the connection task is `Send`.
+macro_rules! until_drained {
+    ($conn:expr, $drain:expr) => {{
+        let mut conn = $conn;
+        tokio::select! {
+            out = conn.as_mut() => out,
+            _ = $drain.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        }
+    }};
+}
+
 async fn connection<A: Acceptor>(
     stream: TcpStream,
     info: ConnInfo,
@@ -229,27 +246,25 @@ async fn connection<A: Acceptor>(
             Err(e) => Err(("no request on a new connection", e)),
         }
     });
-    let (io, h2) = match setup.await {
+    let ready = setup.await;
+    let (io, h2) = match ready {
         Ok(ready) => ready,
         Err((what, e)) => {
             tracing::debug!(%peer, error = %e, "{what}");
             return;
         }
     };
-    let service = service_fn(move |req| {
-        let forwarder = forwarder.clone();
-        let info = info.clone();
-        // Boxed: hyper keeps a slot the size of this future in every
-        // connection, idle or not; a box costs an allocation per request and
-        // saves kilobytes per idle keep-alive connection.
-        Box::pin(async move { Ok::<_, Infallible>(forwarder.handle(req, info).await) })
-    });
+    // The future of each request is boxed (see `Forwarder::handle`): hyper
+    // keeps a slot the size of the service's future in every connection,
+    // idle or not, and a box there costs one allocation per request.
+    let service =
+        service_fn(move |req: Request<Incoming>| -> Answer { forwarder.handle(req, &info) });
     let io = TokioIo::new(io);
     let result = if h2 {
         // Boxed: h2's state is large, and would otherwise take room in
         // every HTTP/1 connection's future too.
-        let mut conn = Box::pin(protocols.http2.serve_connection(io, service));
-        until_drained(conn.as_mut(), drain, |c| c.graceful_shutdown()).await
+        let conn = Box::pin(protocols.http2.serve_connection(io, service));
+        until_drained!(conn, drain)
     } else {
         // Pinned where it is made: moved into a helper, it would take its
         // room in this future twice.
@@ -257,25 +272,11 @@ async fn connection<A: Acceptor>(
             .http1
             .serve_connection(io, service)
             .with_upgrades());
-        until_drained(conn, drain, |c| c.graceful_shutdown()).await
+        until_drained!(conn, drain)
     };
     if let Err(e) = result {
         // Client-side trouble (malformed request, reset, timeout). hyper
         // has already answered 400/431 where HTTP allows an answer.
         tracing::debug!(%peer, error = %e, "client connection ended with an error");
     }
-}
-
-/// Drive a connection; when `drain` fires, ask it to shut down gracefully
-/// and keep driving it until it has.
-async fn until_drained<C: Future>(
-    mut conn: Pin<&mut C>,
-    drain: CancellationToken,
-    shutdown: impl FnOnce(Pin<&mut C>),
-) -> C::Output {
-    tokio::select! {
-        out = conn.as_mut() => return out,
-        _ = drain.cancelled() => shutdown(conn.as_mut()),
-    }
-    conn.await
 }

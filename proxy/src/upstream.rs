@@ -131,7 +131,8 @@ impl Upstreams {
     }
 
     /// Send `req` to `authority` over a pooled connection, or a new one when
-    /// none is idle. `opened` counts new connections.
+    /// none is idle. `opened` counts new connections. An `upgrade` request
+    /// gets a connection of its own (`send_upgrade`).
     ///
     /// The response's body keeps the connection and drives it while the
     /// client reads; at its end the connection goes back to the pool.
@@ -140,7 +141,12 @@ impl Upstreams {
         authority: &Authority,
         req: Request<UpstreamBody>,
         opened: &prometheus::IntCounter,
+        upgrade: bool,
     ) -> Result<Response<PooledBody>, SendError> {
+        if upgrade {
+            // Boxed for the same reason as a new connection, below.
+            return Box::pin(self.send_upgrade(authority, req, opened)).await;
+        }
         let req = match self.checkout(authority) {
             Some(conn) => match self.exchange(conn, authority, req).await {
                 Ok(resp) => return Ok(resp),
@@ -196,7 +202,7 @@ impl Upstreams {
     /// Send an upgrade request (WebSocket) on a connection of its own, run in
     /// a task of its own, since after a `101` it becomes a tunnel that
     /// outlives this request. Such connections are never pooled.
-    pub async fn send_upgrade(
+    async fn send_upgrade(
         &self,
         authority: &Authority,
         req: Request<UpstreamBody>,
