@@ -246,7 +246,16 @@ async fn connection<A: Acceptor>(
             Err(e) => Err(("no request on a new connection", e)),
         }
     });
-    let ready = setup.await;
+    let ready = tokio::select! {
+        ready = setup => ready,
+        // A connection that has sent nothing yet (a client's spare, a load
+        // balancer's pre-opened one) holds no request to finish: close it,
+        // instead of letting the shutdown wait out the header read timeout.
+        _ = drain.cancelled() => {
+            tracing::debug!(%peer, "shutting down: closing a connection that sent no request");
+            return;
+        }
+    };
     let (io, h2) = match ready {
         Ok(ready) => ready,
         Err((what, e)) => {

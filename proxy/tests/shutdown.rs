@@ -124,3 +124,34 @@ async fn sigterm_with_requests_in_flight_loses_none_and_exits_0() {
     b1.shutdown().await.unwrap();
     b2.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_sent_nothing_does_not_hold_up_the_shutdown() {
+    let b = backend("v1", 0.0, Duration::ZERO).await;
+    let proxy = TestProxy::start_with(&routes(&[("stable", b.addr(), 100)], None), |c| {
+        // Shorter than the header read timeout (10 s), so a shutdown that
+        // waited for the silent connection would miss it.
+        c.shutdown_timeout = Duration::from_secs(3);
+        c.threads = 2;
+    })
+    .await;
+    // Connected, nothing sent: a client's spare keep-alive connection, or a
+    // load balancer's pre-opened one.
+    let silent = tokio::net::TcpStream::connect(proxy.addr).await.unwrap();
+    let answered = get(&client(), proxy.addr, "/ping").await.unwrap();
+    assert_eq!(answered.status, StatusCode::OK);
+    assert!(
+        proxy.shutdown_finished().await,
+        "the shutdown finished in time: the silent connection was closed, not waited for"
+    );
+    let mut buf = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(5), async {
+        silent.readable().await.unwrap();
+        silent.try_read(&mut buf)
+    })
+    .await
+    .expect("the silent connection is closed")
+    .unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    b.shutdown().await.unwrap();
+}
