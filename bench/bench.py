@@ -642,7 +642,12 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
             self.sections.append(f"### {title}\n\nnot available: canary-proxy has no --tls-listen\n")
             log("TLS: not available: canary-proxy has no --tls-listen")
             return None
-        cert, key, pem = (os.path.join(self.workdir, n) for n in ("cert.pem", "key.pem", "combined.pem"))
+        # A directory of their own, as a mounted Secret has: canary-proxy
+        # watches the certificate's directory, and the process logs written
+        # to workdir would make it re-read the pair on every line.
+        tls_dir = os.path.join(self.workdir, "tls")
+        os.makedirs(tls_dir, exist_ok=True)
+        cert, key, pem = (os.path.join(tls_dir, n) for n in ("cert.pem", "key.pem", "combined.pem"))
         subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
                         "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
                         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
