@@ -56,6 +56,8 @@ impl Workers {
                 forwarder,
             });
         } else {
+            // If one thread cannot start, the ones already running must end.
+            let stop_on_error = stop.clone().drop_guard();
             for i in 0..threads {
                 let (tx, rx) = std::sync::mpsc::channel();
                 let stop = stop.clone();
@@ -86,6 +88,7 @@ impl Workers {
                     forwarder,
                 });
             }
+            stop_on_error.disarm();
         }
         Ok(Workers {
             lanes,
