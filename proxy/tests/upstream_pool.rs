@@ -29,7 +29,7 @@ fn opened(metrics: &str, version: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequential_requests_reuse_one_upstream_connection() {
-    let up = raw_upstream(false).await;
+    let up = raw_upstream().await;
     let proxy = TestProxy::start(&routes(&[("stable", up.addr, 100)], None)).await;
     let client = client();
     // GET and HEAD in turn: a HEAD answer has no body to read, so its
@@ -78,15 +78,32 @@ async fn concurrent_requests_open_at_most_one_connection_each() {
 }
 
 /// An HTTP/1.1 upstream written out by hand, to control exactly when it
-/// closes connections: it answers `200 ok` to every request (the head
-/// alone to HEAD) and, with
-/// `close_after_answer`, closes the connection right after the answer
-/// without saying so (no `Connection: close`), as a server whose keep-alive
-/// timeout just fired does.
+/// closes connections: it answers `200 ok` to every request (the head alone
+/// to HEAD) and keeps the connection open, until the test tells it to close
+/// its idle connections, without saying so first (no `Connection: close`),
+/// as a server whose keep-alive timeout fires does.
 struct RawUpstream {
     addr: SocketAddr,
+    /// Connections the proxy closed.
     closed_by_peer: Arc<AtomicU64>,
+    /// Connections this upstream closed on `close_idle`.
+    closed_here: Arc<AtomicU64>,
+    close_idle: tokio::sync::watch::Sender<u64>,
     task: tokio::task::JoinHandle<()>,
+}
+
+impl RawUpstream {
+    /// Close every connection that is waiting for a request, and return once
+    /// `expected` connections in all have been closed this way.
+    async fn close_idle_connections(&self, expected: u64) {
+        self.close_idle.send_modify(|generation| *generation += 1);
+        eventually(
+            Duration::from_secs(10),
+            "the upstream closes its idle connections",
+            || async { (self.closed_here.load(Ordering::SeqCst) == expected).then_some(()) },
+        )
+        .await;
+    }
 }
 
 impl Drop for RawUpstream {
@@ -95,25 +112,51 @@ impl Drop for RawUpstream {
     }
 }
 
-async fn raw_upstream(close_after_answer: bool) -> RawUpstream {
+async fn raw_upstream() -> RawUpstream {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let closed_by_peer = Arc::new(AtomicU64::new(0));
-    let closed = closed_by_peer.clone();
+    let closed_here = Arc::new(AtomicU64::new(0));
+    let (close_idle, close_rx) = tokio::sync::watch::channel(0u64);
+    let (closed, closer) = (closed_by_peer.clone(), closed_here.clone());
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
                 return;
             };
-            let closed = closed.clone();
+            let (closed, closer) = (closed.clone(), closer.clone());
+            let mut close_rx = close_rx.clone();
+            close_rx.mark_unchanged();
             tokio::spawn(async move {
                 let mut stream = BufReader::new(stream);
                 loop {
                     let mut length = 0usize;
                     let mut head_only = false;
                     let mut line = String::new();
-                    // The request head, line by line.
-                    loop {
+                    // Idle until the first line of a request, or told to close.
+                    tokio::select! {
+                        read = stream.read_line(&mut line) => match read {
+                            Ok(0) | Err(_) => {
+                                closed.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
+                            Ok(_) => {}
+                        },
+                        _ = close_rx.changed() => {
+                            // Closed (FIN sent) before the count goes up.
+                            drop(stream);
+                            closer.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                    }
+                    // The rest of the request head, line by line.
+                    while line != "\r\n" {
+                        head_only |= line.starts_with("HEAD ");
+                        if let Some((name, value)) = line.split_once(':') {
+                            if name.eq_ignore_ascii_case("content-length") {
+                                length = value.trim().parse().unwrap_or(0);
+                            }
+                        }
                         line.clear();
                         match stream.read_line(&mut line).await {
                             Ok(0) | Err(_) => {
@@ -121,15 +164,6 @@ async fn raw_upstream(close_after_answer: bool) -> RawUpstream {
                                 return;
                             }
                             Ok(_) => {}
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        head_only |= line.starts_with("HEAD ");
-                        if let Some((name, value)) = line.split_once(':') {
-                            if name.eq_ignore_ascii_case("content-length") {
-                                length = value.trim().parse().unwrap_or(0);
-                            }
                         }
                     }
                     let mut body = vec![0u8; length];
@@ -146,9 +180,6 @@ async fn raw_upstream(close_after_answer: bool) -> RawUpstream {
                     if stream.get_mut().write_all(answer).await.is_err() {
                         return;
                     }
-                    if close_after_answer {
-                        return;
-                    }
                 }
             });
         }
@@ -156,18 +187,20 @@ async fn raw_upstream(close_after_answer: bool) -> RawUpstream {
     RawUpstream {
         addr,
         closed_by_peer,
+        closed_here,
+        close_idle,
         task,
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_the_upstream_closed_while_idle_gets_no_request() {
-    let up = raw_upstream(true).await;
+    let up = raw_upstream().await;
     let proxy = TestProxy::start(&routes(&[("stable", up.addr, 100)], None)).await;
     let client: Client<_, Full<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     // POST is not retried, so a request sent on a dead pooled connection
     // would surface as a 502: each must find the closed one and skip it.
-    for i in 0..5 {
+    for i in 0..5u64 {
         let req = Request::post(format!("http://{}/orders", proxy.addr))
             .body(Full::new(Bytes::from_static(b"{\"n\":1}")))
             .unwrap();
@@ -181,8 +214,9 @@ async fn a_connection_the_upstream_closed_while_idle_gets_no_request() {
             String::from_utf8_lossy(&body)
         );
         assert_eq!(&body[..], b"ok");
-        // Give the upstream's close time to arrive before the next request.
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The connection went back to the pool alive; now the upstream
+        // closes it while it idles there.
+        up.close_idle_connections(i + 1).await;
     }
     let m = proxy.metrics().await;
     assert_eq!(
@@ -207,7 +241,7 @@ async fn a_connection_the_upstream_closed_while_idle_gets_no_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_after_the_idle_timeout() {
-    let up = raw_upstream(false).await;
+    let up = raw_upstream().await;
     let proxy = TestProxy::start_with(&routes(&[("stable", up.addr, 100)], None), |c| {
         c.forward.pool_idle_timeout = Duration::from_millis(300);
     })
