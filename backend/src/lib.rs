@@ -17,6 +17,8 @@
 //! `main.rs` only parses flags, sets up tracing, binds, and calls [`serve`] with a
 //! future that resolves on SIGTERM or SIGINT.
 #![forbid(unsafe_code)]
+// `pub` only for what the crate exports; everything else says `pub(crate)`.
+#![warn(unreachable_pub)]
 
 pub mod config;
 mod drain;

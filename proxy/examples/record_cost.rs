@@ -12,8 +12,8 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use canary_proxy::guard::Window;
-use canary_proxy::metrics::Metrics;
+use canary_proxy::bench::Metrics;
+use canary_proxy::bench::Window;
 
 const N: u32 = 5_000_000;
 

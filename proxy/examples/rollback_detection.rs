@@ -34,23 +34,19 @@ async fn main() {
                 let proxy = TestProxy::start(&text).await;
                 let started = SystemTime::now();
                 let load = Load::start(proxy.addr, 4, 20_000, Duration::from_secs(20));
-                let record = eventually(Duration::from_secs(25), "the rollback", || async {
-                    proxy.proxy().control().load().versions[1]
-                        .rollback
-                        .as_ref()
-                        .map(|r| (**r).clone())
-                })
-                .await;
+                // The rollback as `/status` reports it: when, and on how
+                // many of the canary's requests.
+                let (at, canary_requests) =
+                    eventually(Duration::from_secs(25), "the rollback", || async {
+                        let status = proxy.status().await;
+                        let r = &status["versions"][1]["rollback"];
+                        let at = humantime::parse_rfc3339(r["at"].as_str()?).ok()?;
+                        Some((at, r["requests"].as_u64()?))
+                    })
+                    .await;
                 load.finish().await;
-                times.push(
-                    record
-                        .at
-                        .duration_since(started)
-                        .unwrap_or_default()
-                        .as_secs_f64()
-                        * 1000.0,
-                );
-                requests.push(record.requests);
+                times.push(at.duration_since(started).unwrap_or_default().as_secs_f64() * 1000.0);
+                requests.push(canary_requests);
                 proxy.shutdown().await;
             }
             times.sort_by(f64::total_cmp);

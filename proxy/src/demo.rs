@@ -21,7 +21,7 @@ use crate::routes::{self, RouteTable};
 use crate::{Listeners, Proxy, RunConfig};
 
 /// The demo routes file, embedded so `demo` works from any directory.
-pub const EMBEDDED_ROUTES: &str = include_str!("../../config/demo/routes.toml");
+pub(crate) const EMBEDDED_ROUTES: &str = include_str!("../../config/demo/routes.toml");
 const DEFAULT_ROUTES: &str = "config/demo/routes.toml";
 /// The demo's own traffic stops after this, so it never runs unbounded.
 const TRAFFIC_LIMIT: Duration = Duration::from_secs(30 * 60);
@@ -216,8 +216,9 @@ async fn live_view(proxy: &Proxy) {
     tick.tick().await;
     loop {
         tick.tick().await;
-        let snap = proxy.control().load();
-        let now = proxy.control().now();
+        let store = proxy.control().store();
+        let snap = store.load();
+        let now = store.now();
         let counts: Vec<(u64, u64)> = snap.versions.iter().map(|v| v.metrics.counts()).collect();
         let deltas: Vec<u64> = snap
             .versions
@@ -234,15 +235,17 @@ async fn live_view(proxy: &Proxy) {
                 100.0 * deltas[i] as f64 / sum as f64
             };
             let (configured, _) = snap.shares(i);
-            let w = v.window.totals(now);
+            let w = v.judgment.totals(now);
             let state = match &v.rollback {
                 Some(r) => format!(
                     "ROLLED BACK at {} (ratio {:.3} > {})",
                     humantime::format_rfc3339_seconds(r.at),
-                    r.ratio,
+                    r.totals.ratio(),
                     r.threshold
                 ),
-                None if v.guard.is_some() => format!("window {}/{} errors", w.errors, w.requests),
+                None if v.judgment.is_judged() => {
+                    format!("window {}/{} errors", w.errors, w.requests)
+                }
                 None => "rollback target".to_string(),
             };
             println!("[{:>4}s] {:<10} {:>4}/s  share {:>5.1}% (weight {:>5.1}%)  requests {:>7}  errors {:>5}  {}", started.elapsed().as_secs(), v.name, deltas[i], share, configured * 100.0, total, errors, state);

@@ -1,30 +1,105 @@
-//! Per-version error accounting over a sliding window, and the rollback
-//! decision. Pure with respect to time: every call takes `now` as a duration
-//! since a base instant the caller owns, so unit tests drive the clock.
+//! The judgment of one version: its recent counts, and the rollback decision
+//! made from them. Pure with respect to time: every call takes `now`, a
+//! duration since a base the caller's [`crate::clock::Clock`] owns, so unit
+//! tests drive the clock.
 //!
-//! The window is a ring of time buckets of atomics. Recording a request is a
-//! couple of relaxed atomic adds on one bucket: no lock, no allocation. A
-//! bucket whose epoch is stale is reset by whichever thread first notices;
-//! increments racing with that reset can be lost, which costs a count or two
-//! of evidence and never a wrong trip on thin evidence (the `min_requests`
-//! guard sees fewer requests, not more).
+//! The request path records each answer into the version's [`Judgment`]
+//! with a few relaxed atomic operations (no lock, no allocation). When the
+//! evidence is enough, `record` returns a [`Trip`], and the request path
+//! hands it to the control plane through [`Verdicts`], the one edge that
+//! goes back up the flow.
+//!
+//! The window is a ring of time buckets of atomics. A bucket whose epoch is
+//! stale is reset by whichever thread first notices; increments racing with
+//! that reset can be lost, which costs a count or two of evidence and never
+//! a wrong trip on thin evidence (the `min_requests` guard sees fewer
+//! requests, not more).
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::routes::RollbackPolicy;
 
 /// How many buckets a window is cut into. The window slides in steps of
 /// `window / BUCKETS`: old evidence leaves at most that much late.
-pub const BUCKETS: u64 = 10;
+pub(crate) const BUCKETS: u64 = 10;
 
+/// Where a verdict goes: the control plane, which latches and publishes.
+/// The request path holds only this, not the control plane itself.
+pub(crate) trait Verdicts: Send + Sync {
+    /// `judgment` identifies the evidence, so that a verdict reached on
+    /// evidence an operator has since reset is ignored.
+    fn trip(&self, version: &str, judgment: &Arc<Judgment>, trip: Trip);
+}
+
+/// The evidence that tripped a rollback.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct Trip {
+    pub(crate) totals: Totals,
+}
+
+/// One version's counts and, unless it is the rollback target or rollback
+/// is off, the rule it is judged by. Shared by every snapshot until the
+/// version's entry or the policy changes; then a fresh one starts.
+#[derive(Debug)]
+pub(crate) struct Judgment {
+    window: Window,
+    rule: Option<Rule>,
+}
+
+/// The decision's parameters, taken from the policy once.
+#[derive(Debug, Clone, Copy)]
+struct Rule {
+    error_rate: f64,
+    min_requests: u64,
+}
+
+impl Judgment {
+    /// `policy` is `None` for a version that is never rolled back.
+    pub(crate) fn new(window: Duration, policy: Option<&RollbackPolicy>) -> Self {
+        Judgment {
+            window: Window::new(window),
+            rule: policy.map(|p| Rule {
+                error_rate: p.error_rate,
+                min_requests: p.min_requests,
+            }),
+        }
+    }
+
+    /// Record one answer; a `Trip` when the evidence is now enough.
+    pub(crate) fn record(&self, now: Duration, error: bool) -> Option<Trip> {
+        self.window.record(now, error);
+        let rule = self.rule?;
+        let totals = self.window.totals(now);
+        rule.trips(totals).then_some(Trip { totals })
+    }
+
+    /// Whether this version can be rolled back at all.
+    pub(crate) fn is_judged(&self) -> bool {
+        self.rule.is_some()
+    }
+
+    /// The counts in the window ending at `now`.
+    pub(crate) fn totals(&self, now: Duration) -> Totals {
+        self.window.totals(now)
+    }
+}
+
+impl Rule {
+    /// Enough evidence, and strictly above the threshold. `min_requests` is
+    /// what keeps three unlucky requests from rolling back a healthy canary
+    /// at 3 a.m.
+    fn trips(&self, totals: Totals) -> bool {
+        totals.requests >= self.min_requests && totals.ratio() > self.error_rate
+    }
+}
+
+/// Requests and errors counted over a sliding window.
 #[derive(Debug)]
 pub struct Window {
     bucket_nanos: u64,
     buckets: Box<[Bucket]>,
-    /// Set once a rollback of this version is latched; the window is
-    /// replaced (not cleared) when the operator resets the version.
-    latched: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -58,7 +133,6 @@ impl Window {
         Window {
             bucket_nanos,
             buckets: (0..BUCKETS).map(|_| Bucket::default()).collect(),
-            latched: AtomicBool::new(false),
         }
     }
 
@@ -95,22 +169,6 @@ impl Window {
         }
         t
     }
-
-    pub fn is_latched(&self) -> bool {
-        self.latched.load(Relaxed)
-    }
-
-    /// Returns true for the one caller that latched it.
-    pub fn latch(&self) -> bool {
-        !self.latched.swap(true, Relaxed)
-    }
-}
-
-/// The rollback decision: enough evidence, and strictly above the threshold.
-/// `min_requests` is what keeps three unlucky requests from rolling back a
-/// healthy canary at 3 a.m.
-pub fn should_trip(policy: &RollbackPolicy, totals: Totals) -> bool {
-    totals.requests >= policy.min_requests && totals.ratio() > policy.error_rate
 }
 
 #[cfg(test)]
@@ -130,19 +188,17 @@ mod tests {
 
     const S: fn(u64) -> Duration = Duration::from_secs;
 
+    fn totals(requests: u64, errors: u64) -> Totals {
+        Totals { requests, errors }
+    }
+
     #[test]
     fn counts_within_the_window() {
         let w = Window::new(S(10));
         for i in 0..10 {
             w.record(S(i), i % 2 == 0);
         }
-        assert_eq!(
-            w.totals(S(9)),
-            Totals {
-                requests: 10,
-                errors: 5
-            }
-        );
+        assert_eq!(w.totals(S(9)), totals(10, 5));
     }
 
     #[test]
@@ -152,13 +208,7 @@ mod tests {
         w.record(S(5), false);
         assert_eq!(w.totals(S(9)).requests, 2);
         // At t=10 the bucket of t=0 is out of the window; t=5 is still in.
-        assert_eq!(
-            w.totals(S(10)),
-            Totals {
-                requests: 1,
-                errors: 0
-            }
-        );
+        assert_eq!(w.totals(S(10)), totals(1, 0));
         assert_eq!(w.totals(S(15)).requests, 0);
     }
 
@@ -168,62 +218,43 @@ mod tests {
         w.record(S(1), true);
         // t=11 maps to the same slot as t=1; the old counts must not leak in.
         w.record(S(11), false);
-        assert_eq!(
-            w.totals(S(11)),
-            Totals {
-                requests: 1,
-                errors: 0
-            }
-        );
+        assert_eq!(w.totals(S(11)), totals(1, 0));
     }
 
     #[test]
     fn min_requests_guards_thin_evidence() {
-        let p = policy(0.1, 20);
-        assert!(!should_trip(
-            &p,
-            Totals {
-                requests: 19,
-                errors: 19
-            }
-        ));
-        assert!(should_trip(
-            &p,
-            Totals {
-                requests: 20,
-                errors: 3
-            }
-        ));
+        let j = Judgment::new(S(10), Some(&policy(0.1, 20)));
+        for i in 0..19 {
+            assert_eq!(j.record(S(0), true), None, "request {i}");
+        }
+        assert_eq!(
+            j.record(S(0), true),
+            Some(Trip {
+                totals: totals(20, 20)
+            })
+        );
     }
 
     #[test]
     fn threshold_is_strict() {
-        let p = policy(0.1, 10);
+        let rule = Rule {
+            error_rate: 0.1,
+            min_requests: 10,
+        };
         assert!(
-            !should_trip(
-                &p,
-                Totals {
-                    requests: 100,
-                    errors: 10
-                }
-            ),
+            !rule.trips(totals(100, 10)),
             "exactly at the threshold is not above it"
         );
-        assert!(should_trip(
-            &p,
-            Totals {
-                requests: 100,
-                errors: 11
-            }
-        ));
+        assert!(rule.trips(totals(100, 11)));
     }
 
     #[test]
-    fn latch_is_taken_once() {
-        let w = Window::new(S(10));
-        assert!(!w.is_latched());
-        assert!(w.latch());
-        assert!(!w.latch());
-        assert!(w.is_latched());
+    fn an_unjudged_version_only_counts() {
+        let j = Judgment::new(S(10), None);
+        assert!(!j.is_judged());
+        for _ in 0..100 {
+            assert_eq!(j.record(S(1), true), None);
+        }
+        assert_eq!(j.totals(S(1)), totals(100, 100));
     }
 }

@@ -2,336 +2,80 @@
 //!
 //! # Layout
 //!
-//! Request path (one way, left to right):
-//! `server` (accept, HTTP/1.1 + h2c; HTTPS with ALPN through `tls`) -> `forward` (pick a version with
-//! `split` from the current `snapshot`, rewrite, `upstream` keep-alive pool,
-//! stream both ways) -> `forward::ObservedBody` (one record per request) ->
-//! `metrics` and the rollback `guard`.
+//! Data flows one way along each path; every module has one job.
 //!
-//! Control path: `watch` (the ConfigMap directory) -> `routes` (parse,
-//! validate) -> `control` (the one writer) -> one `ArcSwap<Snapshot>`.
-//! The guard's verdict goes through `control` too, so a request reads ONE
-//! snapshot and never a mix of two. The TLS Secret is watched the same way
-//! (`watch::DirWatch`) and swapped into `tls::CertStore` for new handshakes.
+//! **Requests**, left to right:
+//! `server` (accept; HTTP/1.1 or h2c chosen by `server::preface`, HTTPS with
+//! ALPN through `tls`) -> `forward` (pick a version with `split` from the
+//! current `snapshot`; `forward::headers` rewrites, `forward::retry` retries
+//! once on the target, `forward::upgrade` tunnels WebSockets) -> `upstream`
+//! (the keep-alive pool of each event loop) -> `forward::observe` (one
+//! record per request, into `metrics` and the version's `guard::Judgment`).
+//! `body` is the body wrapper both `upstream` and `observe` use.
 //!
-//! Admin path: `admin` serves `/healthz`, `/readyz`, `/metrics`, `/status`
-//! on a port of its own.
+//! **Config**, left to right:
+//! `watch` (the ConfigMap directory, and the TLS Secret's) -> `reload` ->
+//! `routes` (read, parse, validate) -> `control` (the one writer) ->
+//! `snapshot::Store` (one `ArcSwap<Snapshot>`).
 //!
-//! Client connections run on the event loops of `workers` (one, or one per
-//! thread with `--threads N`), each with its own `upstream` pool.
+//! **The one edge back up the flow**: a rollback verdict. The request path
+//! holds it as [`guard::Verdicts`], a one-method interface that `control`
+//! implements; it never sees `control` itself.
 //!
-//! [`Proxy`] wires these together; `main.rs` only parses flags. `demo` runs
-//! the whole thing locally with two in-process ping backends.
+//! **Admin**: `admin` serves `/healthz`, `/readyz`, `/metrics` and
+//! `/status` on a port of its own, from typed read-only views
+//! (`admin::status`).
+//!
+//! Client connections run on the event loops of `event_loops` (one, or one
+//! per thread with `--threads N`). Time comes from a `clock::Clock`, so the
+//! judgment and the control plane run on simulated time in tests.
+//!
+//! `proxy` wires all of it together ([`Proxy`]); `main.rs` only parses
+//! flags. `demo` (cargo feature `demo`, on by default) runs the whole thing
+//! locally with two in-process ping backends.
 #![forbid(unsafe_code)]
+// `pub` only for what the crate exports; everything else says `pub(crate)`.
+#![warn(unreachable_pub)]
 
-pub mod admin;
-pub mod control;
-pub mod demo;
-pub mod forward;
-pub mod guard;
-pub mod metrics;
-pub mod routes;
-pub mod server;
-pub mod snapshot;
-pub mod split;
-pub mod tls;
-pub mod upstream;
-pub mod watch;
-pub mod workers;
+mod admin;
+mod body;
+mod clock;
+mod control;
+#[cfg(feature = "demo")]
+mod demo;
+mod event_loops;
+mod forward;
+mod guard;
+mod metrics;
+mod proxy;
+mod reload;
+mod routes;
+mod server;
+mod snapshot;
+mod split;
+mod tls;
+mod upstream;
+mod watch;
 
-use std::future::Future;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Arc;
-use std::time::Duration;
+pub use forward::ForwardConfig;
+pub use proxy::{run, shutdown_signal, Listeners, Proxy, RunConfig, StartError};
+pub use routes::{content_hash, RoutesError};
+pub use server::ServerConfig;
+pub use tls::{provider as tls_crypto_provider, TlsConfig, TlsError};
+pub use watch::WatchConfig;
 
-use tokio::net::TcpListener;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
+#[cfg(feature = "demo")]
+pub use demo::{run as run_demo, DemoConfig};
 
-use crate::admin::Health;
-use crate::control::Control;
-use crate::forward::ForwardConfig;
-use crate::metrics::Metrics;
-use crate::routes::RoutesError;
-use crate::server::{Plain, ServerConfig};
-use crate::tls::{Tls, TlsConfig, TlsError};
-use crate::watch::WatchConfig;
-use crate::workers::Workers;
-
-/// Everything `canary-proxy run` is configured with, minus the sockets.
-#[derive(Debug, Clone)]
-pub struct RunConfig {
-    pub routes: PathBuf,
-    /// After SIGTERM, keep serving this long with `/readyz` at 503, because
-    /// Kubernetes removes the endpoint asynchronously.
-    pub drain_delay: Duration,
-    /// Then wait at most this long for in-flight requests and tunnels.
-    pub shutdown_timeout: Duration,
-    pub server: ServerConfig,
-    pub forward: ForwardConfig,
-    pub watch: WatchConfig,
-    /// The HTTPS listener's certificate; needed iff `Listeners::tls` is set.
-    pub tls: Option<TlsConfig>,
-    /// Event loops for client connections: 1 serves them on the runtime
-    /// that calls [`Proxy::start`]; N > 1 starts N threads, each with a
-    /// single-threaded runtime (see `workers`).
-    pub threads: usize,
+/// Validate the routes file at `path`: what `canary-proxy check` runs.
+/// On success, the summary `check` prints.
+pub fn check_routes(path: &std::path::Path) -> Result<String, RoutesError> {
+    routes::load(path).map(|table| table.describe())
 }
 
-impl RunConfig {
-    pub fn new(routes: impl Into<PathBuf>) -> Self {
-        RunConfig {
-            routes: routes.into(),
-            drain_delay: Duration::from_secs(5),
-            shutdown_timeout: Duration::from_secs(25),
-            server: ServerConfig::default(),
-            forward: ForwardConfig::default(),
-            watch: WatchConfig::default(),
-            tls: None,
-            threads: 1,
-        }
-    }
-}
-
-/// Sockets, bound by the caller (tests bind `127.0.0.1:0`).
-#[derive(Debug)]
-pub struct Listeners {
-    /// `None` when the plain listener is turned off.
-    pub traffic: Option<TcpListener>,
-    pub admin: TcpListener,
-    /// The HTTPS listener, if any (needs `RunConfig::tls`).
-    pub tls: Option<TcpListener>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error("{0}\nthere is no last good routes table to fall back on at start-up; fix the file (check it with `canary-proxy check PATH`)")]
-    Routes(#[from] RoutesError),
-    #[error("{0}")]
-    Tls(#[from] TlsError),
-    #[error("no listener: give --listen or --tls-listen an address")]
-    NoListener,
-    #[error("an HTTPS listener needs a certificate and a key, and a certificate needs an HTTPS listener: give --tls-listen, --tls-cert and --tls-key together")]
-    TlsIncomplete,
-    #[error("cannot start the worker threads: {0}; try fewer --threads")]
-    Threads(#[source] std::io::Error),
-}
-
-/// A running proxy.
-#[derive(Debug)]
-pub struct Proxy {
-    control: Arc<Control>,
-    workers: Arc<Workers>,
-    health: Arc<Health>,
-    config: RunConfig,
-    stop_accepting: CancellationToken,
-    stop_rest: CancellationToken,
-    servers: Vec<JoinHandle<server::Connections>>,
-    traffic_addr: Option<SocketAddr>,
-    tls_addr: Option<SocketAddr>,
-    admin_addr: SocketAddr,
-}
-
-impl Proxy {
-    /// Load the routes (fatal if missing or invalid) and start serving.
-    pub async fn start(config: RunConfig, listeners: Listeners) -> Result<Proxy, StartError> {
-        if listeners.traffic.is_none() && listeners.tls.is_none() {
-            return Err(StartError::NoListener);
-        }
-        if listeners.tls.is_some() != config.tls.is_some() {
-            return Err(StartError::TlsIncomplete);
-        }
-        let bytes = std::fs::read(&config.routes).map_err(|source| RoutesError::Read {
-            path: config.routes.clone(),
-            source,
-        })?;
-        let table = routes::parse(&bytes).map_err(|problems| RoutesError::Invalid {
-            path: config.routes.clone(),
-            problems,
-        })?;
-        tracing::info!(routes = %config.routes.display(), hash = %table.hash, versions = %table.versions.iter().map(|v| format!("{}={}", v.name, v.weight)).collect::<Vec<_>>().join(" "), "routes loaded");
-        // Like the routes, a bad certificate at start-up is fatal: there is
-        // no previous one to keep serving.
-        let tls = match &config.tls {
-            Some(tls_config) => {
-                let tls = Tls::load(tls_config.clone()).await?;
-                let info = tls.store().info();
-                tracing::info!(cert = %tls_config.cert.display(), subject = %info.subject, serial = %info.serial, "TLS certificate loaded");
-                Some(tls)
-            }
-            None => None,
-        };
-
-        let metrics = Metrics::new();
-        let control = Control::new(table, metrics);
-        let workers = Arc::new(
-            Workers::start(config.threads, &control, &config.forward)
-                .map_err(StartError::Threads)?,
-        );
-        let health = Arc::new(Health::default());
-        let stop_accepting = CancellationToken::new();
-        let stop_rest = CancellationToken::new();
-
-        let admin_addr = listeners
-            .admin
-            .local_addr()
-            .expect("a bound listener has an address");
-        tokio::spawn(admin::serve(
-            listeners.admin,
-            control.clone(),
-            health.clone(),
-            stop_rest.clone(),
-        ));
-        watch::spawn(
-            config.routes.clone(),
-            bytes,
-            control.clone(),
-            config.watch.clone(),
-            stop_rest.clone(),
-        );
-
-        let mut servers = Vec::new();
-        let mut traffic_addr = None;
-        if let Some(listener) = listeners.traffic {
-            let addr = listener
-                .local_addr()
-                .expect("a bound listener has an address");
-            traffic_addr = Some(addr);
-            tracing::info!(%addr, "serving traffic");
-            servers.push(tokio::spawn(server::serve(
-                listener,
-                Arc::new(Plain),
-                workers.clone(),
-                config.server.clone(),
-                stop_accepting.clone(),
-            )));
-        }
-        let mut tls_addr = None;
-        if let (Some(listener), Some(tls)) = (listeners.tls, tls) {
-            let addr = listener
-                .local_addr()
-                .expect("a bound listener has an address");
-            tls_addr = Some(addr);
-            tls.spawn_reloader(
-                control.metrics().clone(),
-                config.watch.clone(),
-                stop_rest.clone(),
-            );
-            tracing::info!(%addr, "serving https");
-            servers.push(tokio::spawn(server::serve(
-                listener,
-                Arc::new(tls.acceptor()),
-                workers.clone(),
-                config.server.clone(),
-                stop_accepting.clone(),
-            )));
-        }
-        tracing::info!(addr = %admin_addr, "serving admin endpoints: /healthz /readyz /metrics /status");
-        Ok(Proxy {
-            control,
-            workers,
-            health,
-            config,
-            stop_accepting,
-            stop_rest,
-            servers,
-            traffic_addr,
-            tls_addr,
-            admin_addr,
-        })
-    }
-
-    pub fn control(&self) -> &Arc<Control> {
-        &self.control
-    }
-
-    pub fn traffic_addr(&self) -> Option<SocketAddr> {
-        self.traffic_addr
-    }
-
-    /// The HTTPS listener's address, if there is one.
-    pub fn tls_addr(&self) -> Option<SocketAddr> {
-        self.tls_addr
-    }
-
-    pub fn admin_addr(&self) -> SocketAddr {
-        self.admin_addr
-    }
-
-    /// The graceful shutdown sequence: readyz 503 at once, keep serving for
-    /// the drain delay, stop accepting, then wait for in-flight requests and
-    /// tunnels up to the shutdown timeout. Returns true if everything
-    /// finished in time.
-    pub async fn shutdown(self) -> bool {
-        self.health.start_draining();
-        tracing::info!(drain_delay = %humantime::format_duration(self.config.drain_delay), "shutting down: readyz is now 503; still serving during the drain delay");
-        tokio::time::sleep(self.config.drain_delay).await;
-
-        tracing::info!(timeout = %humantime::format_duration(self.config.shutdown_timeout), "drain delay over: closing listeners, waiting for in-flight requests");
-        self.stop_accepting.cancel();
-        let mut graceful = Vec::new();
-        for s in self.servers {
-            if let Ok(g) = s.await {
-                graceful.push(g);
-            }
-        }
-        let tunnels: Vec<_> = self
-            .workers
-            .lanes()
-            .iter()
-            .map(|lane| lane.forwarder.tunnels().clone())
-            .collect();
-        for t in &tunnels {
-            t.close();
-        }
-        let finished = tokio::time::timeout(self.config.shutdown_timeout, async {
-            futures_util::future::join_all(graceful.into_iter().map(|g| g.shutdown())).await;
-            futures_util::future::join_all(tunnels.iter().map(|t| t.wait())).await;
-        })
-        .await
-        .is_ok();
-        if finished {
-            tracing::info!("all connections finished; exiting");
-        } else {
-            tracing::warn!(
-                tunnels = tunnels.iter().map(|t| t.len()).sum::<usize>(),
-                "shutdown timeout reached with requests still in flight; exiting anyway"
-            );
-        }
-        self.stop_rest.cancel();
-        self.workers.stop().await;
-        finished
-    }
-}
-
-/// Serve until `signal` resolves, then shut down gracefully.
-pub async fn run(
-    config: RunConfig,
-    listeners: Listeners,
-    signal: impl Future<Output = ()>,
-) -> Result<(), StartError> {
-    let proxy = Proxy::start(config, listeners).await?;
-    signal.await;
-    proxy.shutdown().await;
-    Ok(())
-}
-
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM; only SIGINT will stop the proxy");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = term => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-    }
+/// What the benches and examples drive directly, outside a running proxy.
+pub mod bench {
+    pub use crate::clock::{Clock, ManualClock, SystemClock};
+    pub use crate::guard::{Totals, Window};
+    pub use crate::metrics::{Metrics, VersionMetrics};
 }

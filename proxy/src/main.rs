@@ -7,12 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use canary_proxy::demo::DemoConfig;
-use canary_proxy::forward::ForwardConfig;
-use canary_proxy::server::ServerConfig;
-use canary_proxy::tls::TlsConfig;
-use canary_proxy::watch::WatchConfig;
-use canary_proxy::{routes, Listeners, RunConfig};
+use canary_proxy::{ForwardConfig, Listeners, RunConfig, ServerConfig, TlsConfig, WatchConfig};
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Parser)]
@@ -36,6 +31,7 @@ enum Command {
         path: PathBuf,
     },
     /// Run the whole system locally: two ping backends (v1 stable, v2 canary) and the proxy, with a live view.
+    #[cfg(feature = "demo")]
     Demo(DemoArgs),
 }
 
@@ -100,6 +96,7 @@ struct CommonArgs {
     reload_interval: Duration,
 }
 
+#[cfg(feature = "demo")]
 #[derive(Args)]
 struct DemoArgs {
     /// Routes file to start from (90/10); edit it while the demo runs. Defaults to config/demo/routes.toml, or an embedded copy.
@@ -139,6 +136,7 @@ fn parse_optional_addr(s: &str) -> Result<OptionalAddr, String> {
         .map_err(|_| format!("expected an address like 0.0.0.0:8080, or `none`; got `{s}`"))
 }
 
+#[cfg(feature = "demo")]
 fn parse_fraction(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(f) if (0.0..=1.0).contains(&f) => Ok(f),
@@ -171,6 +169,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { path } => return check(&path),
         Command::Run(args) => run(args),
+        #[cfg(feature = "demo")]
         Command::Demo(args) => demo(args),
     };
     match result {
@@ -196,9 +195,9 @@ fn init_tracing() {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    match routes::load(path) {
-        Ok(table) => {
-            print!("{}", table.describe());
+    match canary_proxy::check_routes(path) {
+        Ok(summary) => {
+            print!("{summary}");
             ExitCode::SUCCESS
         }
         Err(e) => {
@@ -321,13 +320,14 @@ fn tls_config(
     }
 }
 
+#[cfg(feature = "demo")]
 fn demo(args: DemoArgs) -> anyhow::Result<()> {
     let mut run = RunConfig::new(PathBuf::new());
     args.common.apply(&mut run);
     // The demo is stopped by hand: no drain delay to sit through.
     run.drain_delay = Duration::ZERO;
     run.shutdown_timeout = Duration::from_secs(5);
-    let config = DemoConfig {
+    let config = canary_proxy::DemoConfig {
         routes: args.routes,
         listen: args.listen,
         admin_listen: args.admin_listen,
@@ -337,5 +337,5 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
         duration: args.duration,
         run,
     };
-    runtime(0)?.block_on(canary_proxy::demo::run(config))
+    runtime(0)?.block_on(canary_proxy::run_demo(config))
 }

@@ -9,6 +9,7 @@
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -24,14 +25,20 @@ const DURATION_BUCKETS: &[f64] = &[
 /// Why an upstream exchange failed; the `kind` label of
 /// `canary_proxy_upstream_errors_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamErrorKind {
+pub(crate) enum UpstreamErrorKind {
     Connect,
     Timeout,
     Reset,
 }
 
 impl UpstreamErrorKind {
-    pub fn as_str(self) -> &'static str {
+    const ALL: [UpstreamErrorKind; 3] = [
+        UpstreamErrorKind::Connect,
+        UpstreamErrorKind::Timeout,
+        UpstreamErrorKind::Reset,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             UpstreamErrorKind::Connect => "connect",
             UpstreamErrorKind::Timeout => "timeout",
@@ -68,6 +75,19 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
+/// Register `collector` in `registry` and hand it back: each metric is
+/// written once, where it is built.
+fn registered<C: Collector + Clone + 'static>(
+    registry: &Registry,
+    collector: prometheus::Result<C>,
+) -> C {
+    let collector = collector.expect("metric definitions are valid");
+    registry
+        .register(Box::new(collector.clone()))
+        .expect("metric names are unique");
+    collector
+}
+
 fn opts(name: &str, help: &str) -> Opts {
     Opts::new(name, help)
 }
@@ -75,52 +95,34 @@ fn opts(name: &str, help: &str) -> Opts {
 impl Metrics {
     pub fn new() -> Arc<Self> {
         let registry = Registry::new();
+        let r = &registry;
         let v = &["version"];
         let m = Metrics {
-            requests: IntCounterVec::new(opts("canary_proxy_requests_total", "Requests answered, by version and the status code returned to the client (including 502/504 made by the proxy)."), &["version", "code"]).unwrap(),
-            duration: HistogramVec::new(HistogramOpts::new("canary_proxy_request_duration_seconds", "Time from receiving a request to the end of its response body, by version.").buckets(DURATION_BUCKETS.to_vec()), v).unwrap(),
-            upstream_errors: IntCounterVec::new(opts("canary_proxy_upstream_errors_total", "Failed upstream exchanges, by version and kind (connect, timeout, reset)."), &["version", "kind"]).unwrap(),
-            in_flight: IntGaugeVec::new(opts("canary_proxy_in_flight_requests", "Requests being served, by version."), v).unwrap(),
-            weight: GaugeVec::new(opts("canary_proxy_weight", "Configured traffic share of each version, 0..1."), v).unwrap(),
-            effective_weight: GaugeVec::new(opts("canary_proxy_effective_weight", "Traffic share of each version after rollback decisions, 0..1."), v).unwrap(),
-            error_ratio: GaugeVec::new(opts("canary_proxy_error_ratio", "Error ratio of each version over the rollback window."), v).unwrap(),
-            error_ratio_threshold: Gauge::with_opts(opts("canary_proxy_error_ratio_threshold", "The configured rollback.error_rate (0 when rollback is off).")).unwrap(),
-            config_reloads: IntCounterVec::new(opts("canary_proxy_config_reloads_total", "Routes reload attempts after start-up, by result (success, failure)."), &["result"]).unwrap(),
-            config_last_success: Gauge::with_opts(opts("canary_proxy_config_last_reload_success_timestamp_seconds", "Unix time of the last successful routes load.")).unwrap(),
-            config_info: IntGaugeVec::new(opts("canary_proxy_config_info", "Always 1; the hash label is the content hash of the active routes file."), &["hash"]).unwrap(),
-            rollbacks: IntCounterVec::new(opts("canary_proxy_rollbacks_total", "Automatic rollbacks, by the version rolled back."), v).unwrap(),
-            rollback_active: IntGaugeVec::new(opts("canary_proxy_rollback_active", "1 while a rollback of the version is latched."), v).unwrap(),
-            rollback_resets: IntCounterVec::new(opts("canary_proxy_rollback_resets_total", "Latched rollbacks cleared because the operator changed the version's entry."), v).unwrap(),
-            retries: IntCounterVec::new(opts("canary_proxy_retries_total", "Requests retried on the rollback target after a connect failure, by the version that failed."), v).unwrap(),
-            upstream_connections: IntCounterVec::new(opts("canary_proxy_upstream_connections_opened_total", "Connections opened to a version's upstream; it grows with the peak of concurrent requests, then only when the pool cannot reuse one."), v).unwrap(),
-            tls_reloads: IntCounterVec::new(opts("canary_proxy_tls_reloads_total", "TLS certificate reload attempts, by result (success, failure)."), &["result"]).unwrap(),
-            tls_cert_expiry: Gauge::with_opts(opts("canary_proxy_tls_cert_expiry_timestamp_seconds", "Unix time at which the served TLS certificate expires.")).unwrap(),
+            requests: registered(r, IntCounterVec::new(opts("canary_proxy_requests_total", "Requests answered, by version and the status code returned to the client (including 502/504 made by the proxy)."), &["version", "code"])),
+            duration: registered(r, HistogramVec::new(HistogramOpts::new("canary_proxy_request_duration_seconds", "Time from receiving a request to the end of its response body, by version.").buckets(DURATION_BUCKETS.to_vec()), v)),
+            upstream_errors: registered(r, IntCounterVec::new(opts("canary_proxy_upstream_errors_total", "Failed upstream exchanges, by version and kind (connect, timeout, reset)."), &["version", "kind"])),
+            in_flight: registered(r, IntGaugeVec::new(opts("canary_proxy_in_flight_requests", "Requests being served, by version."), v)),
+            weight: registered(r, GaugeVec::new(opts("canary_proxy_weight", "Configured traffic share of each version, 0..1."), v)),
+            effective_weight: registered(r, GaugeVec::new(opts("canary_proxy_effective_weight", "Traffic share of each version after rollback decisions, 0..1."), v)),
+            error_ratio: registered(r, GaugeVec::new(opts("canary_proxy_error_ratio", "Error ratio of each version over the rollback window."), v)),
+            error_ratio_threshold: registered(r, Gauge::with_opts(opts("canary_proxy_error_ratio_threshold", "The configured rollback.error_rate (0 when rollback is off)."))),
+            config_reloads: registered(r, IntCounterVec::new(opts("canary_proxy_config_reloads_total", "Routes reload attempts after start-up, by result (success, failure)."), &["result"])),
+            config_last_success: registered(r, Gauge::with_opts(opts("canary_proxy_config_last_reload_success_timestamp_seconds", "Unix time of the last successful routes load."))),
+            config_info: registered(r, IntGaugeVec::new(opts("canary_proxy_config_info", "Always 1; the hash label is the content hash of the active routes file."), &["hash"])),
+            rollbacks: registered(r, IntCounterVec::new(opts("canary_proxy_rollbacks_total", "Automatic rollbacks, by the version rolled back."), v)),
+            rollback_active: registered(r, IntGaugeVec::new(opts("canary_proxy_rollback_active", "1 while a rollback of the version is latched."), v)),
+            rollback_resets: registered(r, IntCounterVec::new(opts("canary_proxy_rollback_resets_total", "Latched rollbacks cleared because the operator changed the version's entry."), v)),
+            retries: registered(r, IntCounterVec::new(opts("canary_proxy_retries_total", "Requests retried on the rollback target after a connect failure, by the version that failed."), v)),
+            upstream_connections: registered(r, IntCounterVec::new(opts("canary_proxy_upstream_connections_opened_total", "Connections opened to a version's upstream; it grows with the peak of concurrent requests, then only when the pool cannot reuse one."), v)),
+            tls_reloads: registered(r, IntCounterVec::new(opts("canary_proxy_tls_reloads_total", "TLS certificate reload attempts, by result (success, failure)."), &["result"])),
+            tls_cert_expiry: registered(r, Gauge::with_opts(opts("canary_proxy_tls_cert_expiry_timestamp_seconds", "Unix time at which the served TLS certificate expires."))),
             registry,
         };
-        let collectors: Vec<Box<dyn prometheus::core::Collector>> = vec![
-            Box::new(m.requests.clone()),
-            Box::new(m.duration.clone()),
-            Box::new(m.upstream_errors.clone()),
-            Box::new(m.in_flight.clone()),
-            Box::new(m.weight.clone()),
-            Box::new(m.effective_weight.clone()),
-            Box::new(m.error_ratio.clone()),
-            Box::new(m.error_ratio_threshold.clone()),
-            Box::new(m.config_reloads.clone()),
-            Box::new(m.config_last_success.clone()),
-            Box::new(m.config_info.clone()),
-            Box::new(m.rollbacks.clone()),
-            Box::new(m.rollback_active.clone()),
-            Box::new(m.rollback_resets.clone()),
-            Box::new(m.retries.clone()),
-            Box::new(m.upstream_connections.clone()),
-            Box::new(m.tls_reloads.clone()),
-            Box::new(m.tls_cert_expiry.clone()),
-            Box::new(prometheus::process_collector::ProcessCollector::for_self()),
-        ];
-        for c in collectors {
-            m.registry.register(c).expect("metric names are unique");
-        }
+        m.registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("metric names are unique");
         // Both results exist from the start, so rate() and absent() alerts
         // work before the first reload.
         m.config_reloads.with_label_values(&["success"]);
@@ -136,12 +138,8 @@ impl Metrics {
             codes: (0..CODE_SLOTS).map(|_| OnceLock::new()).collect(),
             duration: self.duration.with_label_values(&[name]),
             in_flight: self.in_flight.with_label_values(&[name]),
-            upstream_errors: [
-                UpstreamErrorKind::Connect,
-                UpstreamErrorKind::Timeout,
-                UpstreamErrorKind::Reset,
-            ]
-            .map(|k| self.upstream_errors.with_label_values(&[name, k.as_str()])),
+            upstream_errors: UpstreamErrorKind::ALL
+                .map(|k| self.upstream_errors.with_label_values(&[name, k.as_str()])),
             retries: self.retries.with_label_values(&[name]),
             upstream_connections: self.upstream_connections.with_label_values(&[name]),
             rollbacks: self.rollbacks.with_label_values(&[name]),
@@ -151,7 +149,7 @@ impl Metrics {
 
     /// Drop every series of a version that left the routes file, so a
     /// removed version stops being exported instead of going stale.
-    pub fn forget_version(&self, vm: &VersionMetrics) {
+    pub(crate) fn forget_version(&self, vm: &VersionMetrics) {
         let name = vm.name.as_str();
         for code in vm
             .codes
@@ -160,11 +158,14 @@ impl Metrics {
         {
             let _ = self.requests.remove_label_values(&[name, code_label(code)]);
         }
+        for kind in UpstreamErrorKind::ALL {
+            let _ = self
+                .upstream_errors
+                .remove_label_values(&[name, kind.as_str()]);
+        }
         let _ = self.duration.remove_label_values(&[name]);
         let _ = self.in_flight.remove_label_values(&[name]);
-        for k in ["connect", "timeout", "reset"] {
-            let _ = self.upstream_errors.remove_label_values(&[name, k]);
-        }
+        let _ = self.rollback_active.remove_label_values(&[name]);
         for vec in [&self.weight, &self.effective_weight, &self.error_ratio] {
             let _ = vec.remove_label_values(&[name]);
         }
@@ -176,7 +177,6 @@ impl Metrics {
         ] {
             let _ = vec.remove_label_values(&[name]);
         }
-        let _ = self.rollback_active.remove_label_values(&[name]);
     }
 
     pub fn set_shares(&self, name: &str, configured: f64, effective: f64, rollback_active: bool) {
@@ -293,13 +293,9 @@ impl VersionMetrics {
             })
     }
 
-    pub fn upstream_error(&self, kind: UpstreamErrorKind) {
-        let i = match kind {
-            UpstreamErrorKind::Connect => 0,
-            UpstreamErrorKind::Timeout => 1,
-            UpstreamErrorKind::Reset => 2,
-        };
-        self.upstream_errors[i].inc();
+    pub(crate) fn upstream_error(&self, kind: UpstreamErrorKind) {
+        // `upstream_errors` is built in the order of `UpstreamErrorKind::ALL`.
+        self.upstream_errors[kind as usize].inc();
     }
 }
 

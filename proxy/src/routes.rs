@@ -17,23 +17,13 @@ use std::time::Duration;
 use http::uri::{Authority, Scheme};
 use indexmap::IndexMap;
 use serde::Deserialize;
+
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
-/// Keys accepted at each level; also the source of "did you mean" hints.
-const TOP_KEYS: &[&str] = &["versions", "rollback"];
-const VERSION_KEYS: &[&str] = &["upstream", "weight", "rewrite_host"];
-const ROLLBACK_KEYS: &[&str] = &[
-    "target",
-    "error_rate",
-    "min_requests",
-    "window",
-    "error_codes",
-];
-
 /// Weights are relative; this cap keeps sums far from overflow and catches
 /// a stray digit (a weight of 10 billion is a typo, not a policy).
-pub const MAX_WEIGHT: u64 = 1_000_000;
+pub(crate) const MAX_WEIGHT: u64 = 1_000_000;
 
 const DEFAULT_ERROR_RATE: f64 = 0.05;
 const DEFAULT_MIN_REQUESTS: u64 = 50;
@@ -41,7 +31,7 @@ const DEFAULT_WINDOW: Duration = Duration::from_secs(30);
 
 /// A validated routes file. Built once per (re)load and never mutated.
 #[derive(Debug, Clone, PartialEq)]
-pub struct RouteTable {
+pub(crate) struct RouteTable {
     /// In file order.
     pub versions: Vec<VersionSpec>,
     /// `None` when the file has no `[rollback]` table: automatic rollback is off.
@@ -53,7 +43,7 @@ pub struct RouteTable {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VersionSpec {
+pub(crate) struct VersionSpec {
     pub name: String,
     pub upstream: Upstream,
     pub weight: u64,
@@ -63,7 +53,7 @@ pub struct VersionSpec {
 
 /// An upstream base URL reduced to what the proxy uses: scheme and authority.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Upstream {
+pub(crate) struct Upstream {
     pub scheme: Scheme,
     pub authority: Authority,
 }
@@ -75,7 +65,7 @@ impl fmt::Display for Upstream {
 }
 
 #[derive(Debug, Clone, PartialEq)]
-pub struct RollbackPolicy {
+pub(crate) struct RollbackPolicy {
     /// Index into [`RouteTable::versions`] of the version that takes over.
     pub target: usize,
     pub error_rate: f64,
@@ -86,14 +76,14 @@ pub struct RollbackPolicy {
 
 /// The set of upstream status codes that count as errors for rollback.
 #[derive(Clone, PartialEq, Eq)]
-pub struct ErrorCodes {
+pub(crate) struct ErrorCodes {
     // One bit per status code 0..=639; a lookup on the hot path is a shift.
     bits: [u64; 10],
     spec: Vec<String>,
 }
 
 impl ErrorCodes {
-    pub fn contains(&self, code: u16) -> bool {
+    pub(crate) fn contains(&self, code: u16) -> bool {
         let code = code as usize;
         code < 640 && self.bits[code / 64] & (1 << (code % 64)) != 0
     }
@@ -197,13 +187,23 @@ fn format_problems(path: &Path, problems: &[Problem]) -> String {
     out
 }
 
-/// Read and validate a routes file from disk.
-pub fn load(path: &Path) -> Result<RouteTable, RoutesError> {
-    let bytes = std::fs::read(path).map_err(|source| RoutesError::Read {
+/// Read a routes file: the one place the proxy reads it from disk (start-up,
+/// `check`, and every hot reload).
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>, RoutesError> {
+    std::fs::read(path).map_err(|source| RoutesError::Read {
         path: path.to_owned(),
         source,
-    })?;
-    parse(&bytes).map_err(|problems| RoutesError::Invalid {
+    })
+}
+
+/// Read and validate a routes file from disk.
+pub(crate) fn load(path: &Path) -> Result<RouteTable, RoutesError> {
+    parse_at(path, &read(path)?)
+}
+
+/// Validate content read from `path` (which only names the file in errors).
+pub(crate) fn parse_at(path: &Path, bytes: &[u8]) -> Result<RouteTable, RoutesError> {
+    parse(bytes).map_err(|problems| RoutesError::Invalid {
         path: path.to_owned(),
         problems,
     })
@@ -211,7 +211,7 @@ pub fn load(path: &Path) -> Result<RouteTable, RoutesError> {
 
 /// Validate routes file content. This is the one function behind `check`,
 /// start-up and every hot reload, so they can never disagree.
-pub fn parse(bytes: &[u8]) -> Result<RouteTable, Vec<Problem>> {
+pub(crate) fn parse(bytes: &[u8]) -> Result<RouteTable, Vec<Problem>> {
     let text = std::str::from_utf8(bytes).map_err(|e| {
         vec![Problem {
             key: String::new(),
@@ -227,12 +227,15 @@ pub fn parse(bytes: &[u8]) -> Result<RouteTable, Vec<Problem>> {
         }]);
     }
     let lines = LineIndex::new(text);
+    // Parsed once, with spans: the unknown-key check reads the spanned
+    // document, then serde reads the same document into the raw structs.
     let doc = toml::de::DeTable::parse(text).map_err(|e| vec![toml_problem(text, &lines, &e)])?;
     let unknown = unknown_keys(doc.get_ref(), &lines);
     if !unknown.is_empty() {
         return Err(unknown);
     }
-    let raw: RawRoutes = toml::from_str(text).map_err(|e| vec![toml_problem(text, &lines, &e)])?;
+    let raw = RawRoutes::deserialize(toml::de::Deserializer::from(doc))
+        .map_err(|e| vec![toml_problem(text, &lines, &e)])?;
     let mut table = validate(raw, &lines)?;
     table.hash = content_hash(bytes);
     Ok(table)
@@ -254,21 +257,35 @@ struct RawRoutes {
     rollback: Option<Spanned<RawRollback>>,
 }
 
-#[derive(Deserialize)]
-struct RawVersion {
-    upstream: Option<Spanned<toml::Value>>,
-    weight: Option<Spanned<toml::Value>>,
-    rewrite_host: Option<Spanned<toml::Value>>,
+/// A table of the routes file whose keys are all read as spanned values and
+/// checked by `validate`. The macro writes the key list from the fields, so
+/// the keys accepted and the keys suggested ("did you mean") are one list.
+macro_rules! raw_table {
+    ($(#[$doc:meta])* $name:ident { $($key:ident),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Deserialize)]
+        struct $name {
+            $($key: Option<Spanned<toml::Value>>,)+
+        }
+
+        impl $name {
+            const KEYS: &'static [&'static str] = &[$(stringify!($key)),+];
+        }
+    };
 }
 
-#[derive(Deserialize)]
-struct RawRollback {
-    target: Option<Spanned<toml::Value>>,
-    error_rate: Option<Spanned<toml::Value>>,
-    min_requests: Option<Spanned<toml::Value>>,
-    window: Option<Spanned<toml::Value>>,
-    error_codes: Option<Spanned<toml::Value>>,
-}
+raw_table!(
+    /// `[versions.NAME]`
+    RawVersion { upstream, weight, rewrite_host }
+);
+
+raw_table!(
+    /// `[rollback]`
+    RawRollback { target, error_rate, min_requests, window, error_codes }
+);
+
+/// The top level: the tables above.
+const TOP_KEYS: &[&str] = &["versions", "rollback"];
 
 struct Problems<'a> {
     lines: &'a LineIndex,
@@ -620,11 +637,11 @@ fn unknown_keys(doc: &toml::de::DeTable<'_>, lines: &LineIndex) -> Vec<Problem> 
                     for (vk, vv) in versions {
                         if let toml::de::DeValue::Table(fields) = vv.get_ref() {
                             for (fk, _) in fields {
-                                if !VERSION_KEYS.contains(&fk.get_ref().as_ref()) {
+                                if !RawVersion::KEYS.contains(&fk.get_ref().as_ref()) {
                                     report(
                                         format!("versions.{}.{}", vk.get_ref(), fk.get_ref()),
                                         fk.span(),
-                                        VERSION_KEYS,
+                                        RawVersion::KEYS,
                                     );
                                 }
                             }
@@ -635,11 +652,11 @@ fn unknown_keys(doc: &toml::de::DeTable<'_>, lines: &LineIndex) -> Vec<Problem> 
             "rollback" => {
                 if let toml::de::DeValue::Table(fields) = v.get_ref() {
                     for (fk, _) in fields {
-                        if !ROLLBACK_KEYS.contains(&fk.get_ref().as_ref()) {
+                        if !RawRollback::KEYS.contains(&fk.get_ref().as_ref()) {
                             report(
                                 format!("rollback.{}", fk.get_ref()),
                                 fk.span(),
-                                ROLLBACK_KEYS,
+                                RawRollback::KEYS,
                             );
                         }
                     }
@@ -701,16 +718,16 @@ impl LineIndex {
 }
 
 impl RouteTable {
-    pub fn total_weight(&self) -> u64 {
+    pub(crate) fn total_weight(&self) -> u64 {
         self.versions.iter().map(|v| v.weight).sum()
     }
 
-    pub fn index_of(&self, name: &str) -> Option<usize> {
+    pub(crate) fn index_of(&self, name: &str) -> Option<usize> {
         self.versions.iter().position(|v| v.name == name)
     }
 
     /// The human summary `check` prints on success.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let total = self.total_weight() as f64;
         let mut out = format!("routes OK (hash {})\nversions:\n", self.hash);
         for v in &self.versions {

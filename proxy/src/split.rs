@@ -3,14 +3,14 @@
 
 /// Cumulative weights of one snapshot, built once per publish.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Split {
+pub(crate) struct Split {
     /// `ends[i]` is the sum of weights `0..=i`; version `i` owns the
     /// half-open range `ends[i-1]..ends[i]`.
     ends: Box<[u64]>,
 }
 
 impl Split {
-    pub fn new(weights: impl IntoIterator<Item = u64>) -> Self {
+    pub(crate) fn new(weights: impl IntoIterator<Item = u64>) -> Self {
         let mut sum = 0u64;
         let ends = weights
             .into_iter()
@@ -22,13 +22,13 @@ impl Split {
         Split { ends }
     }
 
-    pub fn total(&self) -> u64 {
+    pub(crate) fn total(&self) -> u64 {
         self.ends.last().copied().unwrap_or(0)
     }
 
     /// The version owning `r`, for `r < total()`. A zero weight owns an empty
     /// range and so is never picked. `None` only when every weight is zero.
-    pub fn pick(&self, r: u64) -> Option<usize> {
+    pub(crate) fn pick(&self, r: u64) -> Option<usize> {
         // A linear scan beats a binary search for the handful of versions a
         // canary release has, and it is branch-predictor friendly at 90/10.
         self.ends.iter().position(|&end| r < end)
@@ -36,7 +36,7 @@ impl Split {
 
     /// Pick with the thread-local fast RNG (wyrand). Not cryptographic, and
     /// need not be: it only has to be uniform and cheap.
-    pub fn pick_random(&self) -> Option<usize> {
+    pub(crate) fn pick_random(&self) -> Option<usize> {
         match self.total() {
             0 => None,
             total => self.pick(fastrand::u64(..total)),

@@ -15,19 +15,20 @@
 //! aws-lc-rs with its `fips` feature; only [`provider`] would change.
 //!
 //! # Rotation
-//! The handshake asks [`CertStore`] for the key pair each time, and the
-//! store holds it in an `ArcSwap`. A reload builds a whole new pair, checks
-//! that the key belongs to the certificate, and swaps it in: new handshakes
-//! use it, established connections keep the one they were made with (the
-//! session keys do not depend on the certificate after the handshake).
-//! Each certificate also gets a `ServerConfig` of its own, so its own session
-//! cache: a client cannot resume, after a rotation, a session that was
-//! authenticated with the previous certificate (which may have been rotated
-//! because its key leaked); it does a full handshake and sees the new one.
-//! The Secret is mounted as a directory and updated by the kubelet exactly like
-//! a ConfigMap, so the same [`crate::watch::DirWatch`] drives the reload. A
-//! bad or mismatched pair keeps the old one; the failure is logged and
-//! counted in `canary_proxy_tls_reloads_total{result="failure"}`.
+//! Each certificate gets a `ServerConfig` of its own, and the acceptor loads
+//! the current one from an `ArcSwap` for every handshake. A reload builds a
+//! whole new pair, checks that the key belongs to the certificate, and swaps
+//! in a new config: new handshakes use it, established connections keep the
+//! one they were made with (the session keys do not depend on the
+//! certificate after the handshake). A config of its own per certificate
+//! also means a session cache of its own: a client cannot resume, after a
+//! rotation, a session that was authenticated with the previous certificate
+//! (which may have been rotated because its key leaked); it does a full
+//! handshake and sees the new one. The Secret is mounted as a directory and
+//! updated by the kubelet exactly like a ConfigMap, so the same
+//! [`crate::watch::reload_loop`] drives the reload. A bad or mismatched pair
+//! keeps the old one; the failure is logged and counted in
+//! `canary_proxy_tls_reloads_total{result="failure"}`.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -36,21 +37,23 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::{self, PemObject};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use crate::server::Acceptor;
-use crate::watch::{self, DirWatch, WatchConfig};
+use crate::server::{Acceptor, Detected};
+use crate::watch::{self, DirWatch, Reload, WatchConfig};
 
 /// ALPN protocols offered, in order of preference (RFC 7301). A client that
 /// offers ALPN but none of these is refused with `no_application_protocol`;
 /// a client that offers no ALPN at all gets HTTP/1.1 (or h2 if it sends the
 /// h2 preface anyway).
-pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+pub(crate) const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
 #[derive(Debug, Clone)]
 pub struct TlsConfig {
@@ -97,16 +100,16 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// What the logs and the expiry gauge say about the served certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertInfo {
-    pub subject: String,
+pub(crate) struct CertInfo {
+    pub(crate) subject: String,
     /// Hex, colon-separated, as `openssl x509 -serial` would show it.
-    pub serial: String,
+    pub(crate) serial: String,
     /// notAfter, in Unix seconds.
-    pub not_after: i64,
+    pub(crate) not_after: i64,
 }
 
 impl CertInfo {
-    pub fn parse(der: &CertificateDer<'_>) -> Result<CertInfo, String> {
+    pub(crate) fn parse(der: &CertificateDer<'_>) -> Result<CertInfo, String> {
         let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
             .map_err(|e| format!("the first certificate is not valid X.509 ({e})"))?;
         Ok(CertInfo {
@@ -119,15 +122,15 @@ impl CertInfo {
 
 /// A validated pair, ready to serve.
 #[derive(Debug)]
-pub struct Pair {
-    pub key: Arc<CertifiedKey>,
-    pub info: CertInfo,
+pub(crate) struct Pair {
+    pub(crate) key: Arc<CertifiedKey>,
+    pub(crate) info: CertInfo,
 }
 
 /// Parse and check a pair: PEM certificates (at least one), one PEM private
 /// key that the crypto provider can sign with, and the key matching the
 /// leaf certificate. The paths only name the files in errors.
-pub fn build(
+pub(crate) fn build(
     cert_path: &Path,
     cert_pem: &[u8],
     key_path: &Path,
@@ -141,7 +144,7 @@ pub fn build(
         path: key_path.to_owned(),
         problem,
     };
-    let chain = rustls_pemfile::certs(&mut &cert_pem[..])
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| cert_err(format!("not valid PEM ({e})")))?;
     let Some(leaf) = chain.first() else {
@@ -150,11 +153,12 @@ pub fn build(
         ));
     };
     let info = CertInfo::parse(leaf).map_err(cert_err)?;
-    let key = rustls_pemfile::private_key(&mut &key_pem[..])
-        .map_err(|e| key_err(format!("not valid PEM ({e})")))?
-        .ok_or_else(|| {
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| match e {
+        pem::Error::NoItemsFound => {
             key_err("no private key found (no -----BEGIN ... PRIVATE KEY----- block)".into())
-        })?;
+        }
+        e => key_err(format!("not valid PEM ({e})")),
+    })?;
     let signing_key = provider()
         .key_provider
         .load_private_key(key)
@@ -210,56 +214,50 @@ async fn read_pair(config: &TlsConfig) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
     Ok((before, key))
 }
 
-/// The key pair new handshakes get. Swapped whole on rotation.
+/// The pair being served: what the expiry gauge and the logs describe, and
+/// the rustls config that serves it.
 #[derive(Debug)]
-pub struct CertStore {
-    current: ArcSwap<CertifiedKey>,
-    info: ArcSwap<CertInfo>,
+struct Served {
+    info: CertInfo,
+    config: Arc<rustls::ServerConfig>,
 }
 
-impl CertStore {
-    fn new(pair: Pair) -> Self {
-        CertStore {
-            current: ArcSwap::new(pair.key),
-            info: ArcSwap::from_pointee(pair.info),
-        }
-    }
-
-    fn store(&self, pair: Pair) {
-        self.info.store(Arc::new(pair.info));
-        self.current.store(pair.key);
-    }
-
-    /// The certificate new handshakes get.
-    pub fn info(&self) -> Arc<CertInfo> {
-        self.info.load_full()
+impl Served {
+    fn new(pair: Pair) -> Arc<Self> {
+        Arc::new(Served {
+            config: server_config(pair.key),
+            info: pair.info,
+        })
     }
 }
 
-impl ResolvesServerCert for CertStore {
+/// Always the one pair a config was built for (see the module docs for why
+/// a rotation builds a new config instead of swapping the pair underneath).
+#[derive(Debug)]
+struct OnePair(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for OnePair {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.load_full())
+        Some(self.0.clone())
     }
 }
 
-/// A rustls server config for the pair in `store`, with an empty session
-/// cache (see the module docs).
-fn server_config(store: Arc<CertStore>) -> Arc<rustls::ServerConfig> {
+/// A rustls server config for `key`, with a session cache of its own.
+fn server_config(key: Arc<CertifiedKey>) -> Arc<rustls::ServerConfig> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .expect("ring supports TLS 1.2 and 1.3")
         .with_no_client_auth()
-        .with_cert_resolver(store);
+        .with_cert_resolver(Arc::new(OnePair(key)));
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     Arc::new(config)
 }
 
-/// The HTTPS side of the proxy: the certificate store, the handshake, and
-/// the reloader.
-pub struct Tls {
+/// The HTTPS side of the proxy: the served pair, the handshake, and the
+/// reload.
+pub(crate) struct Tls {
     config: TlsConfig,
-    store: Arc<CertStore>,
-    server_config: Arc<ArcSwap<rustls::ServerConfig>>,
+    served: Arc<ArcSwap<Served>>,
     /// The bytes the active pair was built from.
     loaded: (Vec<u8>, Vec<u8>),
 }
@@ -268,7 +266,7 @@ impl std::fmt::Debug for Tls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tls")
             .field("config", &self.config)
-            .field("cert", &self.store.info())
+            .field("cert", &self.info())
             .finish()
     }
 }
@@ -276,55 +274,50 @@ impl std::fmt::Debug for Tls {
 impl Tls {
     /// Load and check the pair; any problem is an error naming the file,
     /// fatal at start-up (there is no previous certificate to keep).
-    pub async fn load(config: TlsConfig) -> Result<Tls, TlsError> {
+    pub(crate) async fn load(config: TlsConfig) -> Result<Tls, TlsError> {
         let (cert_pem, key_pem) = read_pair(&config).await?;
         let pair = build(&config.cert, &cert_pem, &config.key, &key_pem)?;
-        let store = Arc::new(CertStore::new(pair));
         Ok(Tls {
             config,
-            server_config: Arc::new(ArcSwap::new(server_config(store.clone()))),
-            store,
+            served: Arc::new(ArcSwap::new(Served::new(pair))),
             loaded: (cert_pem, key_pem),
         })
     }
 
-    pub fn store(&self) -> &Arc<CertStore> {
-        &self.store
+    /// The certificate new handshakes get.
+    pub(crate) fn info(&self) -> CertInfo {
+        self.served.load().info.clone()
     }
 
-    pub fn acceptor(&self) -> TlsAcceptor {
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor {
-            server_config: self.server_config.clone(),
+            served: self.served.clone(),
             handshake_timeout: self.config.handshake_timeout,
         }
     }
 
     /// Export the expiry and watch the certificate's and key's directories
     /// until `stop`.
-    pub fn spawn_reloader(
+    pub(crate) fn spawn_reloader(
         &self,
         metrics: Arc<Metrics>,
-        config: WatchConfig,
+        config: &WatchConfig,
         stop: CancellationToken,
     ) -> tokio::task::JoinHandle<()> {
         metrics.tls_enabled();
-        metrics
-            .tls_cert_expiry
-            .set(self.store.info().not_after as f64);
+        metrics.tls_cert_expiry.set(self.info().not_after as f64);
         let mut dirs = vec![watch::parent_dir(&self.config.cert).to_owned()];
         let key_dir = watch::parent_dir(&self.config.key).to_owned();
         if !dirs.contains(&key_dir) {
             dirs.push(key_dir);
         }
-        let reloader = Reloader {
+        let reload = CertReload {
             config: self.config.clone(),
-            store: self.store.clone(),
-            server_config: self.server_config.clone(),
-            last_seen: Some(self.loaded.clone()),
+            served: self.served.clone(),
             metrics,
-            watch: DirWatch::new(dirs, config, "TLS certificate"),
         };
-        tokio::spawn(reloader.run(stop))
+        let watch = DirWatch::new(dirs, config, "TLS certificate");
+        tokio::spawn(watch::reload_loop(reload, watch, self.loaded.clone(), stop))
     }
 }
 
@@ -332,102 +325,82 @@ impl Tls {
 /// connection's own task, under a timeout, so a client that connects and
 /// stalls holds neither an accept slot nor a task for long.
 #[derive(Clone)]
-pub struct TlsAcceptor {
-    server_config: Arc<ArcSwap<rustls::ServerConfig>>,
+pub(crate) struct TlsAcceptor {
+    served: Arc<ArcSwap<Served>>,
     handshake_timeout: Duration,
 }
 
 impl Acceptor for TlsAcceptor {
     type Io = tokio_rustls::server::TlsStream<TcpStream>;
 
-    async fn accept(&self, stream: TcpStream) -> io::Result<Self::Io> {
+    /// The protocol is decided by ALPN during the handshake, which has a
+    /// timeout of its own (`handshake_timeout`).
+    async fn accept(
+        &self,
+        stream: TcpStream,
+        _deadline: Instant,
+    ) -> io::Result<(Self::Io, Detected)> {
         // A plaintext request or a client with no protocol in common fails
         // here, for this connection only.
-        let acceptor = tokio_rustls::TlsAcceptor::from(self.server_config.load_full());
-        match tokio::time::timeout(self.handshake_timeout, acceptor.accept(stream)).await {
-            Ok(result) => result,
-            Err(_) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "TLS handshake not finished within {}",
-                    humantime::format_duration(self.handshake_timeout)
-                ),
-            )),
-        }
+        let acceptor = tokio_rustls::TlsAcceptor::from(self.served.load().config.clone());
+        let io = match tokio::time::timeout(self.handshake_timeout, acceptor.accept(stream)).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!(
+                        "TLS handshake not finished within {}",
+                        humantime::format_duration(self.handshake_timeout)
+                    ),
+                ))
+            }
+        };
+        let h2 = io.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+        Ok((io, if h2 { Detected::H2 } else { Detected::Http1 }))
     }
 
     fn is_tls(&self) -> bool {
         true
     }
-
-    /// Decided by ALPN during the handshake.
-    async fn is_h2(&self, io: &Self::Io, _limit: Duration) -> io::Result<bool> {
-        Ok(io.get_ref().1.alpn_protocol() == Some(b"h2".as_slice()))
-    }
 }
 
-struct Reloader {
+/// What the reload loop runs for the certificate and key.
+struct CertReload {
     config: TlsConfig,
-    store: Arc<CertStore>,
-    server_config: Arc<ArcSwap<rustls::ServerConfig>>,
-    /// Bytes of the last read pair, good or bad; `None` after a failed read.
-    last_seen: Option<(Vec<u8>, Vec<u8>)>,
+    served: Arc<ArcSwap<Served>>,
     metrics: Arc<Metrics>,
-    watch: DirWatch,
 }
 
-impl Reloader {
-    async fn run(mut self, stop: CancellationToken) {
-        while self.watch.changed(&stop).await {
-            self.check().await;
-        }
+impl Reload for CertReload {
+    type Content = (Vec<u8>, Vec<u8>);
+    type Error = TlsError;
+
+    async fn read(&self) -> Result<(Vec<u8>, Vec<u8>), TlsError> {
+        read_pair(&self.config).await
     }
 
-    async fn check(&mut self) {
-        let pair = match read_pair(&self.config).await {
-            Ok(p) => p,
-            Err(e) => {
-                // Counted once per outage, not on every periodic re-read.
-                if self.last_seen.take().is_some() {
-                    self.fail(&e);
-                }
-                return;
-            }
-        };
-        if self.last_seen.as_ref() == Some(&pair) {
-            return;
+    async fn apply(&mut self, pair: &(Vec<u8>, Vec<u8>), recovering: bool) -> Result<(), TlsError> {
+        let new = build(&self.config.cert, &pair.0, &self.config.key, &pair.1)?;
+        let old = self.served.load_full();
+        if old.info == new.info && recovering {
+            tracing::info!(serial = %old.info.serial, "TLS certificate is readable again with the served content");
+            return Ok(());
         }
-        let recovering = self.last_seen.is_none();
-        if recovering || !self.watch.is_watching() {
-            self.watch.ensure();
-        }
-        let built = build(&self.config.cert, &pair.0, &self.config.key, &pair.1);
-        self.last_seen = Some(pair);
-        match built {
-            Ok(new) => {
-                let old = self.store.info();
-                if *old == new.info && recovering {
-                    tracing::info!(serial = %old.serial, "TLS certificate is readable again with the served content");
-                    return;
-                }
-                tracing::info!(
-                    subject = %new.info.subject,
-                    serial = %new.info.serial,
-                    not_after = %unix_to_rfc3339(new.info.not_after),
-                    previous_serial = %old.serial,
-                    "TLS certificate reloaded; new handshakes use it, open connections keep theirs"
-                );
-                self.metrics.tls_cert_expiry.set(new.info.not_after as f64);
-                self.store.store(new);
-                self.server_config.store(server_config(self.store.clone()));
-                self.metrics.tls_reload(true);
-            }
-            Err(e) => self.fail(&e),
-        }
+        tracing::info!(
+            subject = %new.info.subject,
+            serial = %new.info.serial,
+            not_after = %unix_to_rfc3339(new.info.not_after),
+            previous_serial = %old.info.serial,
+            "TLS certificate reloaded; new handshakes use it, open connections keep theirs"
+        );
+        self.metrics.tls_cert_expiry.set(new.info.not_after as f64);
+        self.served.store(Served::new(new));
+        self.metrics.tls_reload(true);
+        Ok(())
     }
 
-    fn fail(&self, error: &TlsError) {
-        let active = self.store.info();
+    fn failed(&mut self, error: TlsError) {
+        let active = &self.served.load().info;
         tracing::error!(error = %error, active_serial = %active.serial, active_subject = %active.subject, "TLS certificate reload failed; still serving the previous certificate");
         self.metrics.tls_reload(false);
     }

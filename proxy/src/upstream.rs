@@ -25,28 +25,29 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::uri::Authority;
 use http::{Request, Response};
-use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::body::{BodyHook, End, Hooked};
+
 /// Body sent upstream: the client's, streamed, or nothing on a retry.
-pub type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+pub(crate) type UpstreamBody = Either<Incoming, Empty<Bytes>>;
 
 type Driver = http1::Connection<TokioIo<TcpStream>, UpstreamBody>;
 
 #[derive(Debug, Clone)]
-pub struct UpstreamConfig {
-    pub connect_timeout: Duration,
+pub(crate) struct UpstreamConfig {
+    pub(crate) connect_timeout: Duration,
     /// An idle connection older than this is closed instead of reused.
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
 }
 
 /// Why no response came back.
 #[derive(Debug, thiserror::Error)]
-pub enum SendError {
+pub(crate) enum SendError {
     /// Nothing reached the upstream.
     #[error("{0}")]
     Connect(#[from] ConnectError),
@@ -57,7 +58,7 @@ pub enum SendError {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
+pub(crate) enum ConnectError {
     #[error("connect timed out after {}", humantime::format_duration(*.0))]
     Timeout(Duration),
     #[error("{0}")]
@@ -70,7 +71,7 @@ pub enum ConnectError {
 /// versions, so a reload keeps the warm connections of every upstream that
 /// did not change.
 #[derive(Debug)]
-pub struct Upstreams {
+pub(crate) struct Upstreams {
     idle: Mutex<HashMap<Authority, Vec<Idle>>>,
     config: UpstreamConfig,
 }
@@ -123,7 +124,7 @@ impl Conn {
 }
 
 impl Upstreams {
-    pub fn new(config: UpstreamConfig) -> Arc<Self> {
+    pub(crate) fn new(config: UpstreamConfig) -> Arc<Self> {
         Arc::new(Upstreams {
             idle: Mutex::new(HashMap::new()),
             config,
@@ -136,7 +137,7 @@ impl Upstreams {
     ///
     /// The response's body keeps the connection and drives it while the
     /// client reads; at its end the connection goes back to the pool.
-    pub async fn send(
+    pub(crate) async fn send(
         self: &Arc<Self>,
         authority: &Authority,
         req: Request<UpstreamBody>,
@@ -193,10 +194,7 @@ impl Upstreams {
             home: self.clone(),
             authority: authority.clone(),
         };
-        Ok(resp.map(|body| PooledBody {
-            inner: body,
-            lease: Some(lease),
-        }))
+        Ok(resp.map(|body| Hooked::new(body, lease)))
     }
 
     /// Send an upgrade request (WebSocket) on a connection of its own, run in
@@ -224,10 +222,7 @@ impl Upstreams {
             .send_request(req)
             .await
             .map_err(SendError::Exchange)?;
-        Ok(resp.map(|body| PooledBody {
-            inner: body,
-            lease: None,
-        }))
+        Ok(resp.map(Hooked::plain))
     }
 
     /// The most recently used idle connection that can take a request now.
@@ -299,7 +294,7 @@ impl Upstreams {
     /// Close idle connections that expired or that the upstream closed.
     /// Checkout does this lazily; the sweep also frees the descriptors when
     /// traffic stops altogether.
-    pub fn sweep(&self) {
+    pub(crate) fn sweep(&self) {
         let mut cx = quiet();
         let limit = self.config.idle_timeout;
         let mut pool = self.idle.lock().expect("upstream pool lock");
@@ -309,15 +304,16 @@ impl Upstreams {
         pool.retain(|_, list| !list.is_empty());
     }
 
-    /// Idle connections now, for tests and `/status`.
-    pub fn idle_count(&self) -> usize {
+    /// Idle connections now.
+    #[cfg(test)]
+    fn idle_count(&self) -> usize {
         let pool = self.idle.lock().expect("upstream pool lock");
         pool.values().map(Vec::len).sum()
     }
 
     /// Sweep every so often, on `runtime` (the one these connections are
     /// registered with), for as long as the pool exists.
-    pub fn spawn_sweeper(self: &Arc<Self>, runtime: &tokio::runtime::Handle) {
+    pub(crate) fn spawn_sweeper(self: &Arc<Self>, runtime: &tokio::runtime::Handle) {
         let weak = Arc::downgrade(self);
         let every =
             (self.config.idle_timeout / 4).clamp(Duration::from_secs(1), Duration::from_secs(15));
@@ -343,7 +339,7 @@ fn quiet() -> Context<'static> {
 
 /// A connection on loan to one exchange; back to the pool when the response
 /// body has ended, closed if it is dropped before that.
-struct Lease {
+pub(crate) struct Lease {
     conn: Conn,
     home: Arc<Upstreams>,
     authority: Authority,
@@ -361,55 +357,159 @@ impl Lease {
 }
 
 /// The upstream's response body. Polling it also drives the connection it
-/// arrives on, which no other task does.
-pub struct PooledBody {
-    inner: Incoming,
-    lease: Option<Lease>,
-}
+/// arrives on, which no other task does; at its end the connection goes back
+/// to the pool (see [`Lease`]). An upgrade's body has no lease.
+pub(crate) type PooledBody = Hooked<Incoming, Lease>;
 
-impl Body for PooledBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        if let Some(lease) = &mut this.lease {
-            lease.conn.drive(cx);
-        }
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => {
-                if let Some(lease) = this.lease.take() {
-                    lease.release();
-                }
-            }
-            Poll::Ready(Some(Err(_))) => this.lease = None,
-            _ => {}
-        }
-        polled
+impl BodyHook for Lease {
+    fn before_poll(&mut self, cx: &mut Context<'_>) {
+        self.conn.drive(cx);
     }
 
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+    fn end(self, how: End<'_>) {
+        match how {
+            End::Complete => self.release(),
+            // A body with nothing in it (HEAD, 204, 304, length 0) may be
+            // dropped without a poll; its connection is still good. Anything
+            // else dropped unfinished leaves the connection mid-message, and
+            // a failed one is broken: either way it closes.
+            End::Dropped { empty: true } => self.release(),
+            End::Dropped { empty: false } | End::Failed(_) => {}
+        }
     }
 }
 
-impl Drop for PooledBody {
-    fn drop(&mut self) {
-        // A body with nothing in it (HEAD, 204, 304, length 0) may be dropped
-        // without a poll; its connection is still good. Anything else
-        // dropped unfinished leaves the connection mid-message: it closes.
-        if let Some(lease) = self.lease.take() {
-            if self.inner.is_end_stream() {
-                lease.release();
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+    use hyper::service::service_fn;
+    use std::convert::Infallible;
+    use tokio::net::TcpListener;
+
+    /// A loopback HTTP/1.1 upstream: `/` answers "pong", `/big` 1 MiB,
+    /// `/empty` 204, `/close` "bye" and closes the connection after it.
+    async fn upstream() -> Authority {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let service = service_fn(|req: Request<Incoming>| async move {
+                        let mut resp = match req.uri().path() {
+                            "/big" => Response::new(Full::new(Bytes::from(vec![b'x'; 1 << 20]))),
+                            "/empty" => {
+                                let mut r = Response::new(Full::new(Bytes::new()));
+                                *r.status_mut() = http::StatusCode::NO_CONTENT;
+                                r
+                            }
+                            _ => Response::new(Full::new(Bytes::from_static(b"pong"))),
+                        };
+                        if req.uri().path() == "/close" {
+                            resp.headers_mut()
+                                .insert(http::header::CONNECTION, "close".parse().unwrap());
+                        }
+                        Ok::<_, Infallible>(resp)
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
             }
+        });
+        addr.to_string().parse().unwrap()
+    }
+
+    fn pool(idle_timeout: Duration) -> Arc<Upstreams> {
+        Upstreams::new(UpstreamConfig {
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout,
+        })
+    }
+
+    fn get(authority: &Authority, path: &str) -> Request<UpstreamBody> {
+        Request::get(path)
+            .header(http::header::HOST, authority.as_str())
+            .body(Either::Right(Empty::new()))
+            .unwrap()
+    }
+
+    async fn send(
+        pool: &Arc<Upstreams>,
+        authority: &Authority,
+        path: &str,
+        opened: &prometheus::IntCounter,
+    ) -> Response<PooledBody> {
+        pool.send(authority, get(authority, path), opened, false)
+            .await
+            .expect("the upstream answers")
+    }
+
+    #[tokio::test]
+    async fn a_finished_exchange_returns_its_connection_for_the_next() {
+        let authority = upstream().await;
+        let pool = pool(Duration::from_secs(90));
+        let opened = prometheus::IntCounter::new("opened", "x").unwrap();
+        for i in 0..3 {
+            let resp = send(&pool, &authority, "/", &opened).await;
+            assert_eq!(pool.idle_count(), 0, "on loan during exchange {i}");
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&body[..], b"pong");
+            assert_eq!(pool.idle_count(), 1, "back after exchange {i}");
         }
+        assert_eq!(opened.get(), 1, "three exchanges, one connection");
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_unfinished_closes_its_connection() {
+        let authority = upstream().await;
+        let pool = pool(Duration::from_secs(90));
+        let opened = prometheus::IntCounter::new("opened", "x").unwrap();
+        let mut body = send(&pool, &authority, "/big", &opened).await.into_body();
+        let first = body.frame().await.unwrap().unwrap();
+        assert!(first.is_data());
+        drop(body);
+        assert_eq!(pool.idle_count(), 0, "mid-message: not reusable");
+        // An empty answer dropped without a poll leaves a good connection.
+        let resp = send(&pool, &authority, "/empty", &opened).await;
+        assert_eq!(resp.status(), http::StatusCode::NO_CONTENT);
+        drop(resp);
+        assert_eq!(pool.idle_count(), 1);
+        assert_eq!(opened.get(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_upstream_closed_is_not_checked_out() {
+        let authority = upstream().await;
+        let pool = pool(Duration::from_secs(90));
+        let opened = prometheus::IntCounter::new("opened", "x").unwrap();
+        let resp = send(&pool, &authority, "/close", &opened).await;
+        resp.into_body().collect().await.unwrap();
+        // hyper does not keep a connection the server said it will close.
+        assert_eq!(pool.idle_count(), 0);
+        let resp = send(&pool, &authority, "/", &opened).await;
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(opened.get(), 2);
+        assert!(pool.checkout(&authority).is_some());
+    }
+
+    #[tokio::test]
+    async fn the_sweep_closes_expired_idle_connections() {
+        let authority = upstream().await;
+        let pool = pool(Duration::from_millis(50));
+        let opened = prometheus::IntCounter::new("opened", "x").unwrap();
+        let resp = send(&pool, &authority, "/", &opened).await;
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(pool.idle_count(), 1);
+        pool.sweep();
+        assert_eq!(pool.idle_count(), 1, "not expired yet");
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        pool.sweep();
+        assert_eq!(pool.idle_count(), 0);
+        // And checkout does not hand out an expired one either.
+        let resp = send(&pool, &authority, "/", &opened).await;
+        resp.into_body().collect().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        assert!(pool.checkout(&authority).is_none());
     }
 }

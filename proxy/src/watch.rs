@@ -1,27 +1,26 @@
-//! Hot reload: watch the directory holding the routes file and apply good
-//! new content, keeping the last good snapshot when the new content is bad.
+//! Hot reload of mounted files, for any content: the routes ConfigMap and
+//! the TLS Secret both run [`reload_loop`] with a [`Reload`] of their own.
 //!
-//! Why the directory and not the file: a ConfigMap volume is updated by the
-//! kubelet's atomic writer. It writes a new `..<timestamp>/` directory,
-//! points a `..data_tmp` symlink at it, renames that over `..data`, and
-//! deletes the old directory. `routes.toml` itself is a symlink to
-//! `..data/routes.toml` that never changes, so a watch on the file (or a
-//! filter on data-modify events) misses the update. We watch the directory,
-//! treat ANY event in it as "maybe changed", debounce, and re-read the file
-//! through its mounted path; identical bytes are ignored. The same handles
-//! an editor that saves in place or by rename. A slow periodic re-read
-//! covers lost events (inotify queue overflow, a directory re-created).
+//! Why the directory and not the file: a ConfigMap or Secret volume is
+//! updated by the kubelet's atomic writer. It writes a new `..<timestamp>/`
+//! directory, points a `..data_tmp` symlink at it, renames that over
+//! `..data`, and deletes the old directory. `routes.toml` itself is a
+//! symlink to `..data/routes.toml` that never changes, so a watch on the
+//! file (or a filter on data-modify events) misses the update. We watch the
+//! directory, treat ANY event in it as "maybe changed", debounce, and
+//! re-read the file through its mounted path; identical bytes are ignored.
+//! The same handles an editor that saves in place or by rename. A slow
+//! periodic re-read covers lost events (inotify queue overflow, a directory
+//! re-created).
 
+use std::fmt::Display;
+use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-
-use crate::control::{Applied, Control};
-use crate::routes::{self, RoutesError};
 
 #[derive(Debug, Clone)]
 pub struct WatchConfig {
@@ -41,23 +40,66 @@ impl Default for WatchConfig {
     }
 }
 
-/// Start watching. `initial` is the content the control plane was built
-/// from, so the first event does not re-apply it.
-pub fn spawn(
-    path: PathBuf,
-    initial: Vec<u8>,
-    control: Arc<Control>,
-    config: WatchConfig,
+/// One hot-reloaded content: how to read it, and what to do with it.
+pub(crate) trait Reload: Send + 'static {
+    /// What is compared with the last read, to skip unchanged content.
+    type Content: PartialEq + Send + Sync;
+    type Error: Display + Send;
+
+    fn read(&self) -> impl Future<Output = Result<Self::Content, Self::Error>> + Send;
+
+    /// Validate and apply changed content. `recovering` is true when the
+    /// previous read failed, so the content may be what is already active.
+    /// An error keeps whatever is active.
+    fn apply(
+        &mut self,
+        content: &Self::Content,
+        recovering: bool,
+    ) -> impl Future<Output = Result<(), Self::Error>> + Send;
+
+    /// Report a failed read or apply (log it, count it).
+    fn failed(&mut self, error: Self::Error);
+}
+
+/// Reload `source` each time something in `watch`'s directories may have
+/// changed, until `stop`. `active` is the content in force at start-up, so
+/// the first event does not apply it again.
+///
+/// A failed read is reported once per outage, not on every periodic
+/// re-read; bad content is reported once per distinct content.
+pub(crate) async fn reload_loop<R: Reload>(
+    mut source: R,
+    mut watch: DirWatch,
+    active: R::Content,
     stop: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    let watch = DirWatch::new(vec![parent_dir(&path).to_owned()], config, "routes");
-    let state = State {
-        path,
-        last_seen: Some(initial),
-        control,
-        watch,
-    };
-    tokio::spawn(state.run(stop))
+) {
+    // The last content read, good or bad; `None` after a failed read.
+    let mut last_seen = Some(active);
+    while watch.changed(&stop).await {
+        let content = match source.read().await {
+            Ok(c) => c,
+            Err(e) => {
+                if last_seen.take().is_some() {
+                    source.failed(e);
+                }
+                continue;
+            }
+        };
+        if last_seen.as_ref() == Some(&content) {
+            continue;
+        }
+        let recovering = last_seen.is_none();
+        if recovering || !watch.is_watching() {
+            // A deleted directory kills an inotify watch: watch again now
+            // that it is back.
+            watch.ensure();
+        }
+        let applied = source.apply(&content, recovering).await;
+        last_seen = Some(content);
+        if let Err(e) = applied {
+            source.failed(e);
+        }
+    }
 }
 
 /// The directory holding `path`, as mounted (never canonicalized: see the
@@ -69,11 +111,9 @@ pub(crate) fn parent_dir(path: &Path) -> &Path {
     }
 }
 
-/// The part shared by every hot-reloaded mount (the routes ConfigMap, the
-/// TLS Secret): wakes its owner when something in the watched directories
-/// may have changed, i.e. after any event (debounced) or the periodic
-/// interval. The owner re-reads its files and decides; see the module docs
-/// for why events are not interpreted.
+/// Wakes its owner when something in the watched directories may have
+/// changed: after any event (debounced) or the periodic interval. See the
+/// module docs for why events are not interpreted.
 pub(crate) struct DirWatch {
     dirs: Vec<PathBuf>,
     /// What is watched, for log messages ("routes", "TLS certificate").
@@ -88,7 +128,7 @@ pub(crate) struct DirWatch {
 
 impl DirWatch {
     /// Watch `dirs` at once. Must be called inside the tokio runtime.
-    pub(crate) fn new(dirs: Vec<PathBuf>, config: WatchConfig, what: &'static str) -> Self {
+    pub(crate) fn new(dirs: Vec<PathBuf>, config: &WatchConfig, what: &'static str) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let watcher = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
             // The event's content does not matter (see module docs), only that
@@ -119,13 +159,12 @@ impl DirWatch {
     }
 
     /// Whether every directory is under an inotify watch right now.
-    pub(crate) fn is_watching(&self) -> bool {
+    fn is_watching(&self) -> bool {
         self.watched
     }
 
-    /// (Re-)establish the directory watches. A deleted directory kills an
-    /// inotify watch, so after a failed read we watch again once it is back.
-    pub(crate) fn ensure(&mut self) {
+    /// (Re-)establish the directory watches.
+    fn ensure(&mut self) {
         let Some(w) = self.watcher.as_mut() else {
             return;
         };
@@ -144,7 +183,7 @@ impl DirWatch {
 
     /// Wait until the files may have changed. Returns false once `stop` is
     /// cancelled.
-    pub(crate) async fn changed(&mut self, stop: &CancellationToken) -> bool {
+    async fn changed(&mut self, stop: &CancellationToken) -> bool {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return false,
@@ -164,64 +203,93 @@ impl DirWatch {
     }
 }
 
-struct State {
-    path: PathBuf,
-    /// Bytes of the last read, good or bad; `None` after a failed read.
-    last_seen: Option<Vec<u8>>,
-    control: Arc<Control>,
-    watch: DirWatch,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
 
-impl State {
-    async fn run(mut self, stop: CancellationToken) {
-        while self.watch.changed(&stop).await {
-            self.check().await;
+    /// A file whose content must parse as a number; records what happened.
+    struct Numbers {
+        path: PathBuf,
+        log: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Reload for Numbers {
+        type Content = String;
+        type Error = String;
+
+        async fn read(&self) -> Result<String, String> {
+            tokio::fs::read_to_string(&self.path)
+                .await
+                .map_err(|e| format!("read: {:?}", e.kind()))
+        }
+
+        async fn apply(&mut self, content: &String, recovering: bool) -> Result<(), String> {
+            let n: u32 = content
+                .trim()
+                .parse()
+                .map_err(|_| format!("bad: {content}"))?;
+            self.log.lock().unwrap().push(format!(
+                "apply {n}{}",
+                if recovering { " (recovering)" } else { "" }
+            ));
+            Ok(())
+        }
+
+        fn failed(&mut self, error: String) {
+            self.log.lock().unwrap().push(error);
         }
     }
 
-    async fn check(&mut self) {
-        let bytes = match tokio::fs::read(&self.path).await {
-            Ok(b) => b,
-            Err(source) => {
-                if self.last_seen.take().is_some() {
-                    let err = RoutesError::Read {
-                        path: self.path.clone(),
-                        source,
-                    };
-                    self.fail(err.to_string());
-                }
-                return;
+    async fn wait_for(log: &Arc<Mutex<Vec<String>>>, n: usize) -> Vec<String> {
+        for _ in 0..500 {
+            if log.lock().unwrap().len() >= n {
+                break;
             }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        log.lock().unwrap().clone()
+    }
+
+    #[tokio::test]
+    async fn changes_apply_once_and_failures_are_reported_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("n.txt");
+        std::fs::write(&path, "1").unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let config = WatchConfig {
+            debounce: Duration::from_millis(5),
+            interval: Duration::from_millis(50),
         };
-        if self.last_seen.as_deref() == Some(bytes.as_slice()) {
-            return;
-        }
-        let recovering = self.last_seen.is_none();
-        if recovering || !self.watch.is_watching() {
-            self.watch.ensure();
-        }
-        let parsed = routes::parse(&bytes);
-        self.last_seen = Some(bytes);
-        match parsed {
-            Ok(table) => {
-                let hash = table.hash.clone();
-                if self.control.apply(table) == Applied::Unchanged && recovering {
-                    tracing::info!(%hash, "routes file is readable again with the active content");
-                }
-            }
-            Err(problems) => self.fail(
-                RoutesError::Invalid {
-                    path: self.path.clone(),
-                    problems,
-                }
-                .to_string(),
-            ),
-        }
-    }
+        let watch = DirWatch::new(vec![dir.path().to_owned()], &config, "test");
+        let stop = CancellationToken::new();
+        let source = Numbers {
+            path: path.clone(),
+            log: log.clone(),
+        };
+        let task = tokio::spawn(reload_loop(source, watch, "1".to_string(), stop.clone()));
 
-    fn fail(&self, error: String) {
-        let active = self.control.load().table.hash.clone();
-        tracing::error!(error = %error, active_hash = %active, "routes reload failed; still serving the last good routes");
-        self.control.reload_failed(error);
+        // The active content is not applied again, however often it is read.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert!(log.lock().unwrap().is_empty(), "{:?}", log.lock().unwrap());
+
+        std::fs::write(&path, "2").unwrap();
+        assert_eq!(wait_for(&log, 1).await, ["apply 2"]);
+        // Bad content: reported once, even across several periodic re-reads.
+        std::fs::write(&path, "x").unwrap();
+        assert_eq!(wait_for(&log, 2).await[1], "bad: x");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(log.lock().unwrap().len(), 2);
+        // A missing file: reported once per outage.
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(wait_for(&log, 3).await[2], "read: NotFound");
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(log.lock().unwrap().len(), 3);
+        // Back: applied, and marked as a recovery.
+        std::fs::write(&path, "2").unwrap();
+        assert_eq!(wait_for(&log, 4).await[3], "apply 2 (recovering)");
+
+        stop.cancel();
+        task.await.unwrap();
     }
 }

@@ -358,7 +358,7 @@ fn valid_file_prints_the_split_and_the_policy() {
     // The hash printed is the one /status and the metrics show.
     assert!(
         c.stdout
-            .contains(&canary_proxy::routes::content_hash(text.as_bytes())),
+            .contains(&canary_proxy::content_hash(text.as_bytes())),
         "{}",
         c.stdout
     );

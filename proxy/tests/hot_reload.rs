@@ -27,7 +27,7 @@ async fn kubelet_swap_from_90_10_to_0_100_sends_everything_to_canary() {
         None,
     );
     proxy.set_routes(&new_routes);
-    let new_hash = canary_proxy::routes::content_hash(new_routes.as_bytes());
+    let new_hash = canary_proxy::content_hash(new_routes.as_bytes());
     assert_ne!(before, new_hash);
     eventually(
         Duration::from_secs(5),

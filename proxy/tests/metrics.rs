@@ -189,7 +189,7 @@ async fn error_ratio_gauges_follow_the_rollback_window() {
 /// sending traffic, so the counts above stay exact.
 async fn switch(proxy: &mut TestProxy, text: &str) {
     proxy.set_routes(text);
-    let hash = canary_proxy::routes::content_hash(text.as_bytes());
+    let hash = canary_proxy::content_hash(text.as_bytes());
     eventually(
         Duration::from_secs(5),
         "the new routes to apply",

@@ -334,7 +334,7 @@ async fn the_latch_survives_unrelated_reloads_and_resets_when_the_canary_entry_c
         Some(&rollback),
     );
     proxy.set_routes(&only_stable);
-    let hash = canary_proxy::routes::content_hash(only_stable.as_bytes());
+    let hash = canary_proxy::content_hash(only_stable.as_bytes());
     eventually(Duration::from_secs(5), "the stable-only reload", || async {
         (proxy.status().await["routes"]["hash"] == hash.as_str()).then_some(())
     })

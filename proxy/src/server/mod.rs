@@ -3,12 +3,15 @@
 //! them tracked so shutdown can close idle keep-alives and wait for the rest.
 //!
 //! The protocol is chosen before hyper sees the connection: by ALPN on TLS,
-//! by peeking for the HTTP/2 preface on plain TCP. hyper-util's auto builder
+//! by the first bytes on plain TCP (`preface`). hyper-util's auto builder
 //! does the same detection but keeps room for an HTTP/2 connection's state
 //! in every HTTP/1 connection; choosing first saves about 5 KB per idle
 //! keep-alive connection (measured in bench/memprobe).
 
+mod preface;
+
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,19 +22,20 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::forward::{Answer, ConnInfo, Forwarder};
-use crate::workers::Workers;
-
-/// What every HTTP/2 connection starts with (RFC 9113 section 3.4).
-const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+use crate::event_loops::EventLoops;
+use crate::forward::{ConnInfo, Forwarder, ResponseFuture};
+pub(crate) use preface::Detected;
+use preface::Prefixed;
 
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     /// Time a client has to send a complete request head; a slowloris
-    /// client is dropped after it.
+    /// client is dropped after it. It also bounds the protocol detection of
+    /// a new connection.
     pub header_read_timeout: Duration,
 }
 
@@ -44,66 +48,72 @@ impl Default for ServerConfig {
 }
 
 /// Something that turns an accepted TCP stream into the byte stream HTTP
-/// runs on: plain TCP, or a TLS handshake (see `tls`).
-pub trait Acceptor: Send + Sync + 'static {
+/// runs on (plain TCP, or a TLS handshake: see `tls`), and says which HTTP.
+pub(crate) trait Acceptor: Send + Sync + 'static {
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    /// Runs inside the connection's task, so a slow handshake holds no
-    /// accept slot.
+    /// Runs inside the connection's task, so a slow client holds no accept
+    /// slot. The part that waits for the client's first bytes must end by
+    /// `deadline`.
     fn accept(
         &self,
         stream: TcpStream,
-    ) -> impl std::future::Future<Output = std::io::Result<Self::Io>> + Send;
+        deadline: Instant,
+    ) -> impl Future<Output = std::io::Result<(Self::Io, Detected)>> + Send;
     fn is_tls(&self) -> bool;
-    /// Whether the client speaks HTTP/2 on this connection.
-    fn is_h2(
-        &self,
-        io: &Self::Io,
-        limit: Duration,
-    ) -> impl Future<Output = std::io::Result<bool>> + Send;
 }
 
-/// Plain TCP: nothing to do.
+/// Plain TCP: h2c with prior knowledge when the first bytes are the HTTP/2
+/// preface, HTTP/1.1 otherwise.
 #[derive(Debug, Clone, Copy)]
-pub struct Plain;
+pub(crate) struct Plain;
 
 impl Acceptor for Plain {
-    type Io = TcpStream;
-    async fn accept(&self, stream: TcpStream) -> std::io::Result<TcpStream> {
-        Ok(stream)
+    type Io = Prefixed<TcpStream>;
+
+    async fn accept(
+        &self,
+        stream: TcpStream,
+        deadline: Instant,
+    ) -> std::io::Result<(Self::Io, Detected)> {
+        let mut io = Prefixed::new(stream);
+        let detected = io.detect(deadline).await?;
+        Ok((io, detected))
     }
+
     fn is_tls(&self) -> bool {
         false
     }
-    /// h2c with prior knowledge: the client's first bytes are the preface.
-    async fn is_h2(&self, stream: &TcpStream, limit: Duration) -> std::io::Result<bool> {
-        let deadline = tokio::time::Instant::now() + limit;
-        let mut buf = [0u8; 24];
-        loop {
-            let n = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-                Ok(n) => n?,
-                Err(_) => {
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        "no request within the header read timeout",
-                    ))
-                }
-            };
-            if n == 0 || buf[..n] != H2_PREFACE[..n] {
-                // EOF or anything else is HTTP/1's to answer (or to reject).
-                return Ok(false);
+}
+
+/// Accept connections until `stop` is cancelled, handing each to `handle`.
+/// A failed accept (usually EMFILE: out of descriptors) is logged and
+/// retried after a short pause instead of spinning; the connections already
+/// open keep being served.
+pub(crate) async fn accept_until(
+    listener: &TcpListener,
+    stop: &CancellationToken,
+    what: &'static str,
+    mut handle: impl FnMut(TcpStream, SocketAddr),
+) {
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => handle(stream, peer),
+            Err(e) => {
+                tracing::error!(error = %e, listener = what, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            if n == H2_PREFACE.len() {
-                return Ok(true);
-            }
-            // A prefix of the preface so far; peek again once more has come.
-            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 }
 
 /// The open connections of a listener, for the shutdown sequence.
 #[derive(Debug, Clone, Default)]
-pub struct Connections {
+pub(crate) struct Connections {
     tracker: TaskTracker,
     drain: CancellationToken,
 }
@@ -111,7 +121,7 @@ pub struct Connections {
 impl Connections {
     /// Ask every connection to finish (idle keep-alives close at once,
     /// busy ones after their in-flight requests) and wait for them all.
-    pub async fn shutdown(self) {
+    pub(crate) async fn shutdown(self) {
         self.drain.cancel();
         self.tracker.close();
         self.tracker.wait().await;
@@ -144,37 +154,22 @@ impl Protocols {
 
 /// Accept until `stop` is cancelled. Returns the connections still open,
 /// for the caller to close and wait for.
-pub async fn serve<A: Acceptor>(
+pub(crate) async fn serve<A: Acceptor>(
     listener: TcpListener,
     acceptor: Arc<A>,
-    workers: Arc<Workers>,
+    event_loops: Arc<EventLoops>,
     config: ServerConfig,
     stop: CancellationToken,
 ) -> Connections {
     let connections = Connections::default();
     let protocols = Arc::new(Protocols::new(&config));
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            accepted = listener.accept() => accepted,
-        };
-        let (stream, peer) = match accepted {
-            Ok(pair) => pair,
-            Err(e) => {
-                // Usually EMFILE: back off briefly instead of spinning; the
-                // connections already open keep being served.
-                tracing::error!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
+    accept_until(&listener, &stop, "traffic", |stream, peer| {
         let _ = stream.set_nodelay(true);
         let info = ConnInfo::new(peer, acceptor.is_tls());
-        let lane = workers.next();
-        let (acceptor, forwarder) = (acceptor.clone(), lane.forwarder.clone());
+        let event_loop = event_loops.next();
+        let (acceptor, forwarder) = (acceptor.clone(), event_loop.forwarder.clone());
         let (protocols, drain) = (protocols.clone(), connections.drain.clone());
-        match &lane.runtime {
+        match &event_loop.runtime {
             None => {
                 connections.tracker.spawn(connection(
                     stream, info, acceptor, forwarder, protocols, drain,
@@ -182,12 +177,12 @@ pub async fn serve<A: Acceptor>(
             }
             Some(runtime) => {
                 // Accepted on this runtime's reactor; it must be registered
-                // with the lane's instead.
+                // with the event loop's instead.
                 let stream = match stream.into_std() {
                     Ok(s) => s,
                     Err(e) => {
                         tracing::debug!(%peer, error = %e, "cannot hand the connection to a worker thread");
-                        continue;
+                        return;
                     }
                 };
                 let handed = async move {
@@ -203,7 +198,8 @@ pub async fn serve<A: Acceptor>(
                 connections.tracker.spawn_on(handed, runtime);
             }
         }
-    }
+    })
+    .await;
     connections
 }
 
@@ -236,16 +232,8 @@ async fn connection<A: Acceptor>(
     // The handshake and the protocol choice run once and are over before
     // the first request; boxed, so the room their futures need is given
     // back instead of staying in every open connection.
-    let setup = Box::pin(async {
-        let io = acceptor
-            .accept(stream)
-            .await
-            .map_err(|e| ("connection setup failed", e))?;
-        match acceptor.is_h2(&io, protocols.header_read_timeout).await {
-            Ok(h2) => Ok((io, h2)),
-            Err(e) => Err(("no request on a new connection", e)),
-        }
-    });
+    let deadline = Instant::now() + protocols.header_read_timeout;
+    let setup = Box::pin(acceptor.accept(stream, deadline));
     let ready = tokio::select! {
         ready = setup => ready,
         // A connection that has sent nothing yet (a client's spare, a load
@@ -256,32 +244,37 @@ async fn connection<A: Acceptor>(
             return;
         }
     };
-    let (io, h2) = match ready {
+    let (io, detected) = match ready {
         Ok(ready) => ready,
-        Err((what, e)) => {
-            tracing::debug!(%peer, error = %e, "{what}");
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "connection setup failed");
             return;
         }
     };
     // The future of each request is boxed (see `Forwarder::handle`): hyper
     // keeps a slot the size of the service's future in every connection,
     // idle or not, and a box there costs one allocation per request.
-    let service =
-        service_fn(move |req: Request<Incoming>| -> Answer { forwarder.handle(req, &info) });
+    let service = service_fn(move |req: Request<Incoming>| -> ResponseFuture {
+        forwarder.handle(req, &info)
+    });
     let io = TokioIo::new(io);
-    let result = if h2 {
-        // Boxed: h2's state is large, and would otherwise take room in
-        // every HTTP/1 connection's future too.
-        let conn = Box::pin(protocols.http2.serve_connection(io, service));
-        until_drained!(conn, drain)
-    } else {
-        // Pinned where it is made: moved into a helper, it would take its
-        // room in this future twice.
-        let conn = std::pin::pin!(protocols
-            .http1
-            .serve_connection(io, service)
-            .with_upgrades());
-        until_drained!(conn, drain)
+    let result = match detected {
+        Detected::Closed => return,
+        Detected::H2 => {
+            // Boxed: h2's state is large, and would otherwise take room in
+            // every HTTP/1 connection's future too.
+            let conn = Box::pin(protocols.http2.serve_connection(io, service));
+            until_drained!(conn, drain)
+        }
+        Detected::Http1 => {
+            // Pinned where it is made: moved into a helper, it would take
+            // its room in this future twice.
+            let conn = std::pin::pin!(protocols
+                .http1
+                .serve_connection(io, service)
+                .with_upgrades());
+            until_drained!(conn, drain)
+        }
     };
     if let Err(e) = result {
         // Client-side trouble (malformed request, reset, timeout). hyper

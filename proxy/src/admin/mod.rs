@@ -1,6 +1,9 @@
 //! The admin port: `/healthz`, `/readyz`, `/metrics` and `/status`.
 //! It lives on a listener of its own so that it is never exposed through the
-//! LoadBalancer with the traffic port.
+//! LoadBalancer with the traffic port. It only reads: typed views of the
+//! published snapshot (`status`) and the metrics registry.
+
+mod status;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,51 +20,43 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::Control;
+use crate::server;
+use status::Status;
 
-/// Readiness, shared by the admin port and the shutdown sequence.
+/// Whether the proxy wants new traffic: `/readyz`, turned off by the
+/// shutdown sequence.
 #[derive(Debug, Default)]
-pub struct Health {
+pub(crate) struct Readiness {
     draining: AtomicBool,
 }
 
-impl Health {
-    pub fn start_draining(&self) {
+impl Readiness {
+    pub(crate) fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
     }
-    pub fn is_ready(&self) -> bool {
+    pub(crate) fn is_ready(&self) -> bool {
         !self.draining.load(Ordering::SeqCst)
     }
 }
 
 /// Serve the admin endpoints until `stop` is cancelled.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     control: Arc<Control>,
-    health: Arc<Health>,
+    readiness: Arc<Readiness>,
     stop: CancellationToken,
 ) {
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
-    loop {
-        let (stream, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::error!(error = %e, "admin accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
-        let (control, health, builder, stop) = (
+    server::accept_until(&listener, &stop, "admin", |stream, _peer| {
+        let (control, readiness, builder, stop) = (
             control.clone(),
-            health.clone(),
+            readiness.clone(),
             builder.clone(),
             stop.clone(),
         );
         tokio::spawn(async move {
             let service = service_fn(move |req| {
-                let response = route(&req, &control, &health);
+                let response = route(&req, &control, &readiness);
                 async move { Ok::<_, Infallible>(response) }
             });
             tokio::select! {
@@ -69,10 +64,15 @@ pub async fn serve(
                 _ = stop.cancelled() => {}
             }
         });
-    }
+    })
+    .await;
 }
 
-fn route(req: &Request<Incoming>, control: &Control, health: &Health) -> Response<Full<Bytes>> {
+fn route(
+    req: &Request<Incoming>,
+    control: &Control,
+    readiness: &Readiness,
+) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -81,10 +81,10 @@ fn route(req: &Request<Incoming>, control: &Control, health: &Health) -> Respons
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
-        "/readyz" if health.is_ready() => text(StatusCode::OK, "ready\n"),
+        "/readyz" if readiness.is_ready() => text(StatusCode::OK, "ready\n"),
         "/readyz" => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         "/metrics" => {
-            control.refresh_metrics();
+            refresh_gauges(control);
             let mut resp = Response::new(Full::new(Bytes::from(control.metrics().encode())));
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
@@ -93,8 +93,9 @@ fn route(req: &Request<Incoming>, control: &Control, health: &Health) -> Respons
             resp
         }
         "/status" => {
-            let mut body =
-                serde_json::to_vec_pretty(&control.status()).expect("status is plain JSON");
+            let store = control.store();
+            let status = Status::new(&store.load(), &control.reload_status(), store.now());
+            let mut body = serde_json::to_vec_pretty(&status).expect("status is plain JSON");
             body.push(b'\n');
             let mut resp = Response::new(Full::new(Bytes::from(body)));
             resp.headers_mut().insert(
@@ -107,6 +108,19 @@ fn route(req: &Request<Incoming>, control: &Control, health: &Health) -> Respons
             StatusCode::NOT_FOUND,
             "not found; the admin port serves /healthz, /readyz, /metrics and /status\n",
         ),
+    }
+}
+
+/// The gauges computed from the evidence windows, set just before a scrape
+/// rather than on every request.
+fn refresh_gauges(control: &Control) {
+    let store = control.store();
+    let snap = store.load();
+    let now = store.now();
+    for v in snap.versions.iter() {
+        control
+            .metrics()
+            .set_error_ratio(&v.name, v.judgment.totals(now).ratio());
     }
 }
 

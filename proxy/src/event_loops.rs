@@ -1,10 +1,10 @@
-//! Where client connections run.
+//! Where client connections run: one event loop per thread (`--threads`).
 //!
-//! With one thread (`--threads 1`) they run on the runtime that started the
-//! proxy. With N > 1, N threads each run a single-threaded tokio runtime
-//! with an upstream pool of its own (a `Forwarder`), and the accept loops
-//! hand each new connection to the next thread in turn; it stays there for
-//! its whole life. A request then never crosses threads: no work stealing,
+//! With one thread (`--threads 1`) the one event loop is the runtime that
+//! started the proxy. With N > 1, N threads each run an event loop of their
+//! own (a single-threaded tokio runtime) with an upstream pool of its own
+//! (a `Forwarder`), and the accept loops hand each new connection to the
+//! next event loop in turn; it stays there for its whole life. A request then never crosses threads: no work stealing,
 //! no cross-thread wake-ups, no shared pool lock. Measured against tokio's
 //! work-stealing runtime on two cores in docs/performance.md.
 //!
@@ -18,40 +18,45 @@ use std::sync::{Arc, Mutex};
 use tokio::runtime::Handle;
 use tokio_util::sync::CancellationToken;
 
-use crate::control::Control;
 use crate::forward::{ForwardConfig, Forwarder};
+use crate::guard::Verdicts;
+use crate::snapshot::Store;
 
 /// One event loop and the request path that lives on it.
 #[derive(Debug)]
-pub struct Lane {
+pub(crate) struct EventLoop {
     /// `None`: the runtime that started the proxy.
-    pub runtime: Option<Handle>,
-    pub forwarder: Arc<Forwarder>,
+    pub(crate) runtime: Option<Handle>,
+    pub(crate) forwarder: Arc<Forwarder>,
 }
 
+/// The event loops, each on a thread of its own, and the threads' handles.
 #[derive(Debug)]
-pub struct Workers {
-    lanes: Vec<Lane>,
+pub(crate) struct EventLoops {
+    loops: Vec<EventLoop>,
     next: AtomicUsize,
     stop: CancellationToken,
     threads: Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
-impl Workers {
+impl EventLoops {
     /// `threads` event loops (at least one); must be called inside a tokio
-    /// runtime.
-    pub fn start(
+    /// runtime. Each event loop's request path reads `store` and sends its
+    /// verdicts to `verdicts`.
+    pub(crate) fn start(
         threads: usize,
-        control: &Arc<Control>,
+        store: &Arc<Store>,
+        verdicts: &Arc<dyn Verdicts>,
         config: &ForwardConfig,
-    ) -> std::io::Result<Workers> {
+    ) -> std::io::Result<EventLoops> {
         let stop = CancellationToken::new();
-        let mut lanes = Vec::new();
+        let mut loops = Vec::new();
+        let forwarder = || Forwarder::new(store.clone(), verdicts.clone(), config.clone());
         let mut joins = Vec::new();
         if threads <= 1 {
-            let forwarder = Forwarder::new(control.clone(), config.clone());
+            let forwarder = forwarder();
             forwarder.upstreams().spawn_sweeper(&Handle::current());
-            lanes.push(Lane {
+            loops.push(EventLoop {
                 runtime: None,
                 forwarder,
             });
@@ -81,38 +86,38 @@ impl Workers {
                     })?;
                 joins.push(join);
                 let handle = rx.recv().map_err(std::io::Error::other)??;
-                let forwarder = Forwarder::new(control.clone(), config.clone());
+                let forwarder = forwarder();
                 forwarder.upstreams().spawn_sweeper(&handle);
-                lanes.push(Lane {
+                loops.push(EventLoop {
                     runtime: Some(handle),
                     forwarder,
                 });
             }
             stop_on_error.disarm();
         }
-        Ok(Workers {
-            lanes,
+        Ok(EventLoops {
+            loops,
             next: AtomicUsize::new(0),
             stop,
             threads: Mutex::new(joins),
         })
     }
 
-    /// The lane for the next new connection.
-    pub fn next(&self) -> &Lane {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.lanes.len();
-        &self.lanes[i]
+    /// The event loop for the next new connection.
+    pub(crate) fn next(&self) -> &EventLoop {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.loops.len();
+        &self.loops[i]
     }
 
-    pub fn lanes(&self) -> &[Lane] {
-        &self.lanes
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &EventLoop> {
+        self.loops.iter()
     }
 
     /// End the threads (and every task still on them). Called last in the
     /// shutdown sequence.
-    pub async fn stop(&self) {
+    pub(crate) async fn stop(&self) {
         self.stop.cancel();
-        let joins = std::mem::take(&mut *self.threads.lock().expect("workers lock"));
+        let joins = std::mem::take(&mut *self.threads.lock().expect("event loops lock"));
         if joins.is_empty() {
             return;
         }

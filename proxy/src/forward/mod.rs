@@ -1,0 +1,403 @@
+//! The request path, one stage per file:
+//!
+//! 1. this file: pick a version with `split` from the current snapshot, send
+//!    the request over a pooled connection (`upstream`), and turn the
+//!    outcome into the client's response;
+//! 2. [`headers`]: rewrite the request for the upstream and the response for
+//!    the client;
+//! 3. [`retry`]: the one retry on the rollback target;
+//! 4. [`upgrade`]: WebSocket tunnels;
+//! 5. [`observe`]: record every answer once, and pass verdicts on.
+//!
+//! Status codes for failures are decided in one place, [`Failure`]: a
+//! connect failure or a reset before the response head is `502`, an upstream
+//! timeout is `504`.
+
+mod headers;
+mod observe;
+mod retry;
+mod upgrade;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode};
+use http_body::Body as _;
+use http_body_util::{Either, Empty, Full};
+use hyper::body::Incoming;
+use tokio_util::task::TaskTracker;
+
+use crate::body::Hooked;
+use crate::guard::Verdicts;
+use crate::metrics::UpstreamErrorKind;
+use crate::snapshot::{Snapshot, Store, VersionRuntime};
+use crate::upstream::{
+    ConnectError, PooledBody, SendError, UpstreamBody, UpstreamConfig, Upstreams,
+};
+
+pub(crate) use observe::ObservedBody;
+use observe::{Observation, Recorder};
+use retry::Retry;
+
+/// What [`Forwarder::handle`] returns: hyper's service future.
+pub(crate) type ResponseFuture =
+    Pin<Box<dyn Future<Output = Result<Response<ObservedBody>, Infallible>> + Send>>;
+
+/// Knobs of the request path, from `run`'s flags.
+#[derive(Debug, Clone)]
+pub struct ForwardConfig {
+    pub connect_timeout: Duration,
+    /// Time allowed for the upstream's response head; `None` waits forever.
+    /// Bodies stream without a deadline, so long downloads are not cut.
+    pub upstream_timeout: Option<Duration>,
+    pub pool_idle_timeout: Duration,
+}
+
+impl Default for ForwardConfig {
+    fn default() -> Self {
+        ForwardConfig {
+            connect_timeout: Duration::from_secs(2),
+            upstream_timeout: Some(Duration::from_secs(60)),
+            pool_idle_timeout: Duration::from_secs(90),
+        }
+    }
+}
+
+/// Where a request came from, for `X-Forwarded-*`. Built once per
+/// connection, so keep-alive requests do not re-format the address.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnInfo {
+    pub(crate) peer: SocketAddr,
+    pub(crate) tls: bool,
+    peer_ip: HeaderValue,
+}
+
+impl ConnInfo {
+    pub(crate) fn new(peer: SocketAddr, tls: bool) -> Self {
+        let peer_ip = HeaderValue::from_str(&peer.ip().to_string())
+            .expect("an IP address is a valid header value");
+        ConnInfo { peer, tls, peer_ip }
+    }
+}
+
+/// The request path of one event loop, with its own upstream pool.
+pub(crate) struct Forwarder {
+    recorder: Arc<Recorder>,
+    upstreams: Arc<Upstreams>,
+    config: ForwardConfig,
+    /// Upgraded (WebSocket) tunnels, so shutdown can wait for them.
+    tunnels: TaskTracker,
+}
+
+impl std::fmt::Debug for Forwarder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarder")
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+/// A request ready to go upstream, and what answering it needs later.
+struct Plan {
+    start: Instant,
+    snap: Arc<Snapshot>,
+    index: usize,
+    request: Request<UpstreamBody>,
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
+    original_host: Option<HeaderValue>,
+    retry: Option<Retry>,
+}
+
+/// An exchange that produced no upstream response.
+#[derive(Debug)]
+enum Failure {
+    Connect(ConnectError),
+    Reset(hyper::Error),
+    Timeout(Duration),
+}
+
+impl Failure {
+    fn kind(&self) -> UpstreamErrorKind {
+        match self {
+            Failure::Connect(_) => UpstreamErrorKind::Connect,
+            Failure::Reset(_) => UpstreamErrorKind::Reset,
+            Failure::Timeout(_) => UpstreamErrorKind::Timeout,
+        }
+    }
+
+    fn status(&self) -> StatusCode {
+        match self {
+            Failure::Connect(_) | Failure::Reset(_) => StatusCode::BAD_GATEWAY,
+            Failure::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    fn describe(&self, version: &VersionRuntime) -> String {
+        let upstream = format!("{}://{}", version.scheme, version.authority);
+        match self {
+            Failure::Connect(e) => format!(
+                "cannot connect to version {} at {upstream}: {}",
+                version.name,
+                source_chain(e)
+            ),
+            Failure::Reset(e) => format!(
+                "version {} at {upstream} closed the connection: {}",
+                version.name,
+                source_chain(e)
+            ),
+            Failure::Timeout(d) => format!(
+                "version {} at {upstream} sent no response within {}",
+                version.name,
+                humantime::format_duration(*d)
+            ),
+        }
+    }
+}
+
+impl Forwarder {
+    pub(crate) fn new(
+        store: Arc<Store>,
+        verdicts: Arc<dyn Verdicts>,
+        config: ForwardConfig,
+    ) -> Arc<Self> {
+        let upstreams = Upstreams::new(UpstreamConfig {
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.pool_idle_timeout,
+        });
+        Arc::new(Forwarder {
+            recorder: Arc::new(Recorder { store, verdicts }),
+            upstreams,
+            config,
+            tunnels: TaskTracker::new(),
+        })
+    }
+
+    pub(crate) fn tunnels(&self) -> &TaskTracker {
+        &self.tunnels
+    }
+
+    pub(crate) fn upstreams(&self) -> &Arc<Upstreams> {
+        &self.upstreams
+    }
+
+    /// Serve one client request. Never fails: every failure becomes a
+    /// response the client can read.
+    ///
+    /// The work that needs no waiting (choosing the version, rewriting the
+    /// request) runs here, on the stack; the future holds only what must
+    /// wait for the upstream. It is boxed, and so copied, on every request.
+    pub(crate) fn handle(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> ResponseFuture {
+        match self.prepare(req, conn) {
+            Ok(plan) => Box::pin(self.clone().forward(plan)),
+            Err(resp) => Box::pin(std::future::ready(Ok(resp))),
+        }
+    }
+
+    // The error is the proxy's own answer to a request it cannot route;
+    // both variants are moved once, on the stack, so their size is moot.
+    #[allow(clippy::result_large_err)]
+    fn prepare(
+        &self,
+        mut req: Request<Incoming>,
+        conn: &ConnInfo,
+    ) -> Result<Plan, Response<ObservedBody>> {
+        let start = Instant::now();
+        let snap = self.recorder.store.load();
+        let Some(index) = snap.split.pick_random() else {
+            // validate() forbids all-zero weights, so this is unreachable in
+            // practice; answer rather than panic if it ever is.
+            return Err(local_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no version has a weight above 0\n".into(),
+            ));
+        };
+        let upgrade = upgrade::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
+        let (mut parts, body) = req.into_parts();
+        let original_host = headers::host_of(&parts.headers, &parts.uri);
+        headers::prepare_headers(
+            &mut parts.headers,
+            conn,
+            original_host.as_ref(),
+            upgrade.is_some(),
+        );
+        // Keep what a retry on the target needs, only where one can happen:
+        // a non-target version and a request with no body to replay.
+        let retry = match snap.target() {
+            Some(target) if target.index != index && body.is_end_stream() && upgrade.is_none() => {
+                Some(Retry {
+                    method: parts.method.clone(),
+                    uri: parts.uri.clone(),
+                    headers: parts.headers.clone(),
+                    target: target.index,
+                })
+            }
+            _ => None,
+        };
+        let first = &snap.versions[index];
+        first.metrics.in_flight.inc();
+        let request = headers::build_request(
+            parts.method,
+            &parts.uri,
+            parts.headers,
+            first,
+            original_host.as_ref(),
+            Either::Left(body),
+        );
+        Ok(Plan {
+            start,
+            snap,
+            index,
+            request,
+            upgrade,
+            original_host,
+            retry,
+        })
+    }
+
+    async fn forward(
+        self: Arc<Self>,
+        mut plan: Plan,
+    ) -> Result<Response<ObservedBody>, Infallible> {
+        let snap = plan.snap.clone();
+        let index = plan.index;
+        let first = &snap.versions[index];
+        let limit = self.config.upstream_timeout.unwrap_or(Duration::MAX);
+        let mut answered_by = index;
+        // One `.await` serves the first attempt and the retry, so this
+        // future holds room for one exchange, not two.
+        let outcome = loop {
+            let attempt = &snap.versions[answered_by];
+            // No limit is a deadline that never comes: one path for both.
+            let exchange = self.upstreams.send(
+                &attempt.authority,
+                plan.request,
+                &attempt.metrics.upstream_connections,
+                plan.upgrade.is_some(),
+            );
+            let outcome = match tokio::time::timeout(limit, exchange).await {
+                Ok(Ok(resp)) => Ok(resp),
+                Ok(Err(SendError::Connect(e))) => Err(Failure::Connect(e)),
+                Ok(Err(SendError::Exchange(e))) => Err(Failure::Reset(e)),
+                Err(_) => Err(Failure::Timeout(limit)),
+            };
+            let failure = match &outcome {
+                Err(failure) => failure,
+                Ok(_) => break outcome,
+            };
+            let Some(retry) = plan.retry.take().filter(|r| r.allowed_after(failure)) else {
+                break outcome;
+            };
+            // The target answers instead of the client seeing a 502. The
+            // failure still counts against the failed version.
+            let target_rt = &snap.versions[retry.target];
+            tracing::warn!(version = %first.name, target = %target_rt.name, error = %failure.describe(first), "upstream failed before answering; retrying once on the rollback target");
+            self.record_failed_attempt(first, failure.kind());
+            first.metrics.retries.inc();
+            first.metrics.in_flight.dec();
+            target_rt.metrics.in_flight.inc();
+            plan.request = headers::build_request(
+                retry.method,
+                &retry.uri,
+                retry.headers,
+                target_rt,
+                plan.original_host.as_ref(),
+                Either::Right(Empty::new()),
+            );
+            answered_by = retry.target;
+        };
+        Ok(self.respond(&snap, plan.start, plan.upgrade, answered_by, outcome))
+    }
+
+    /// The client's response: the upstream's, or the proxy's own 502/504.
+    fn respond(
+        &self,
+        snap: &Arc<Snapshot>,
+        start: Instant,
+        upgrade: Option<hyper::upgrade::OnUpgrade>,
+        answered_by: usize,
+        outcome: Result<Response<PooledBody>, Failure>,
+    ) -> Response<ObservedBody> {
+        let version = &snap.versions[answered_by];
+        let observation = |status: StatusCode, error: bool| Observation {
+            snap: snap.clone(),
+            recorder: self.recorder.clone(),
+            index: answered_by,
+            status: status.as_u16(),
+            start,
+            error,
+        };
+        match outcome {
+            Ok(mut resp) => {
+                let status = resp.status();
+                let error = snap
+                    .policy()
+                    .map(|p| p.error_codes.contains(status.as_u16()))
+                    .unwrap_or(status.is_server_error());
+                if status == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(client_side) = upgrade {
+                        upgrade::spawn_tunnel(
+                            &self.tunnels,
+                            client_side,
+                            hyper::upgrade::on(&mut resp),
+                            version.name.clone(),
+                        );
+                    }
+                } else {
+                    headers::strip_hop_by_hop(resp.headers_mut());
+                }
+                let obs = observation(status, error);
+                resp.map(|b| Hooked::new(Either::Left(b), obs))
+            }
+            Err(failure) => {
+                let message = failure.describe(version);
+                tracing::warn!(version = %version.name, kind = failure.kind().as_str(), error = %message, "upstream request failed");
+                version.metrics.upstream_error(failure.kind());
+                let status = failure.status();
+                let body = Full::new(Bytes::from(format!("{status}: {message}\n")));
+                let mut resp =
+                    Response::new(Hooked::new(Either::Right(body), observation(status, true)));
+                *resp.status_mut() = status;
+                resp.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
+                resp
+            }
+        }
+    }
+
+    /// Count a failed attempt that another version answered: the error
+    /// counts against the version that failed, in its evidence and metrics,
+    /// but the request is counted once, under the version that answered.
+    fn record_failed_attempt(&self, v: &VersionRuntime, kind: UpstreamErrorKind) {
+        v.metrics.upstream_error(kind);
+        self.recorder.judge(v, true);
+    }
+}
+
+fn local_response(status: StatusCode, body: String) -> Response<ObservedBody> {
+    let mut resp = Response::new(Hooked::plain(Either::Right(Full::new(Bytes::from(body)))));
+    *resp.status_mut() = status;
+    resp
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
+}
