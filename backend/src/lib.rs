@@ -13,9 +13,11 @@
 //!   waiting for in-flight connections up to the shutdown timeout.
 //! - `server`: the accept loop and the shutdown sequence ([`serve`]), and the
 //!   in-process [`spawn`] / [`Handle`] used by tests and the demo.
+//! - `testkit` (only with the `testkit` feature, which only tests turn on): the
+//!   child processes of the integration tests of both crates.
 //!
-//! `main.rs` only parses flags, sets up tracing, binds, and calls [`serve`] with a
-//! future that resolves on SIGTERM or SIGINT.
+//! `main.rs` only parses flags, sets up tracing, binds, prints the ready line, and
+//! calls [`serve`] with a future that resolves on SIGTERM or SIGINT.
 #![forbid(unsafe_code)]
 // `pub` only for what the crate exports; everything else says `pub(crate)`.
 #![warn(unreachable_pub)]
@@ -25,6 +27,10 @@ mod drain;
 pub mod flags;
 mod server;
 mod service;
+/// For the integration tests of ping-backend and canary-proxy, not for
+/// production: starts their binaries and reads the ready line they print.
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use config::Config;
 pub use server::{serve, spawn, Handle};

@@ -1,8 +1,9 @@
-//! The `ping-backend` binary: flags, logging, the bind, and the signals that start
-//! a graceful shutdown. Everything else lives in the library.
+//! The `ping-backend` binary: flags, logging, the bind, the ready line, and the
+//! signals that start a graceful shutdown. Everything else lives in the library.
 #![forbid(unsafe_code)]
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use anyhow::{anyhow, Context};
@@ -36,8 +37,24 @@ async fn run(flags: Flags) -> anyhow::Result<()> {
             flags.listen
         )
     })?;
+    ready_line(listener.local_addr()?);
     ping_backend::serve(listener, flags.config(), shutdown).await?;
     Ok(())
+}
+
+/// One line of JSON on stdout once the listener is bound (logs go to stderr), so
+/// a script or test started with `--listen 127.0.0.1:0` learns the port without
+/// parsing log text: `{"listening":{"addr":"127.0.0.1:41236"}}`. Connections made
+/// as soon as it is read wait in the listen backlog until `serve` accepts them.
+fn ready_line(addr: SocketAddr) {
+    // Written by hand: an address's text holds no character JSON escapes, and
+    // the binary needs no JSON library for this one line.
+    let line = format!(r#"{{"listening":{{"addr":"{addr}"}}}}"#);
+    let mut stdout = std::io::stdout().lock();
+    // Nobody reading stdout is no reason to stop serving.
+    if let Err(err) = writeln!(stdout, "{line}").and_then(|()| stdout.flush()) {
+        tracing::warn!(error = %err, "cannot print the ready line on stdout");
+    }
 }
 
 /// Logs go to stderr as structured lines; RUST_LOG overrides the `info` default.

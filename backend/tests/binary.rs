@@ -1,17 +1,15 @@
 //! The real `ping-backend` binary: the SIGTERM sequence and the messages for bad
-//! flags. Every process started here is killed by a guard, also when a test fails.
+//! flags. Every process started here is killed when its `Process` is dropped,
+//! also when a test fails.
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
-use std::net::SocketAddr;
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::mpsc;
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::process::{Command, ExitStatus};
+use std::time::Duration;
 
-use common::{eventually, fresh_client, get, ChildGuard};
+use common::{eventually, fresh_client, get};
 use http::StatusCode;
+use ping_backend::testkit::Process;
 
 const BIN: &str = env!("CARGO_BIN_EXE_ping-backend");
 /// Generous: these deadlines only turn a hang into a failure.
@@ -21,7 +19,7 @@ const DEADLINE: Duration = Duration::from_secs(20);
 /// runs the tests must not change what is tested.
 fn command(args: &[&str]) -> Command {
     let mut cmd = Command::new(BIN);
-    cmd.args(args).env("RUST_LOG", "info").stdin(Stdio::null());
+    cmd.args(args).env("RUST_LOG", "info");
     for var in [
         "PING_LISTEN",
         "PING_VERSION",
@@ -35,73 +33,22 @@ fn command(args: &[&str]) -> Command {
     cmd
 }
 
-/// A running backend process, its address (read from its "listening on" log
-/// line), and the reader of its log.
+/// A running backend process and its address, from its ready line.
 struct Running {
-    child: ChildGuard,
-    addr: SocketAddr,
-    log: JoinHandle<Vec<String>>,
+    process: Process,
+    addr: std::net::SocketAddr,
 }
 
 fn start(args: &[&str]) -> Running {
-    let mut child = command(args)
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let child = ChildGuard(child);
-    // A thread keeps reading so the pipe never fills, forwards each line for the
-    // address, and returns the whole log when the process closes stderr.
-    let (tx, rx) = mpsc::channel();
-    let log = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line.clone());
-            lines.push(line);
-        }
-        lines
-    });
-    let start = Instant::now();
-    let addr = loop {
-        let left = DEADLINE.saturating_sub(start.elapsed());
-        let line = rx
-            .recv_timeout(left)
-            .expect("no 'listening on ADDR' line from the backend");
-        if let Some((_, rest)) = line.split_once("listening on ") {
-            let addr = rest.split_whitespace().next().unwrap();
-            break addr.parse().unwrap();
-        }
-    };
-    Running { child, addr, log }
+    let mut process = Process::spawn(command(args).args(["--listen", "127.0.0.1:0"]));
+    let addr = process.listening(DEADLINE).addr("addr");
+    Running { process, addr }
 }
 
 /// Run the binary to its exit (it is expected to fail at start) and return the
 /// exit status and stderr.
 fn run_to_exit(cmd: &mut Command) -> (ExitStatus, String) {
-    let mut child = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let mut child = ChildGuard(child);
-    let start = Instant::now();
-    let status = loop {
-        if let Some(status) = child.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            start.elapsed() < DEADLINE,
-            "the backend did not exit on a bad flag"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    let mut text = String::new();
-    stderr.read_to_string(&mut text).unwrap();
-    (status, text)
+    Process::run_to_exit(cmd, DEADLINE)
 }
 
 fn field(line: &str, name: &str) -> Option<u64> {
@@ -132,11 +79,7 @@ async fn sigterm_drains_then_finishes_in_flight_requests_and_exits_0() {
         let client = client.clone();
         tokio::spawn(async move { get(&client, addr, "/ping").await.unwrap() })
     };
-    let term = Command::new("kill")
-        .args(["-TERM", &backend.child.0.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success(), "kill -TERM failed");
+    backend.process.signal("TERM");
 
     eventually("readyz to turn 503", DEADLINE, || async {
         let answer = get(&client, addr, "/readyz")
@@ -168,7 +111,7 @@ async fn sigterm_drains_then_finishes_in_flight_requests_and_exits_0() {
     }
 
     let status = eventually("the backend to exit", DEADLINE, || {
-        let status = backend.child.0.try_wait().unwrap();
+        let status = backend.process.try_wait();
         async move { status }
     })
     .await;
@@ -177,7 +120,9 @@ async fn sigterm_drains_then_finishes_in_flight_requests_and_exits_0() {
     // One log line per phase, in order. The listener closed while requests were
     // still running (at least the one started during the drain, which takes 3 s
     // and was accepted before the close), and they all finished.
-    let log = backend.log.join().unwrap();
+    // Returns at once (the exit is known) once stderr is read to its end.
+    backend.process.wait_exit(DEADLINE);
+    let log = backend.process.stderr_lines();
     let phases = [
         "listening on",
         "received SIGTERM",

@@ -268,18 +268,54 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             Some(addr) => Some(bind(addr, "--tls-listen").await?),
             None => None,
         };
-        canary_proxy::run(
+        let proxy = canary_proxy::Proxy::start(
             config,
             Listeners {
                 traffic,
                 admin,
                 tls,
             },
-            canary_proxy::shutdown_signal(),
         )
         .await?;
+        // The handlers are in place before the ready line: a script that
+        // sends SIGTERM as soon as it reads the line gets a graceful shutdown.
+        let signal = canary_proxy::shutdown_signal();
+        print_ready_line(&proxy);
+        signal.await;
+        proxy.shutdown().await;
         Ok(())
     })
+}
+
+/// One line of JSON on stdout (logs go to stderr) with the bound addresses,
+/// so scripts and tests that ask for port 0 learn the ports without parsing
+/// log text; null for a listener that is off. Structs rather than `json!`,
+/// whose map would sort the keys.
+fn print_ready_line(proxy: &canary_proxy::Proxy) {
+    use std::io::Write as _;
+    #[derive(serde::Serialize)]
+    struct Ready {
+        listening: Listening,
+    }
+    #[derive(serde::Serialize)]
+    struct Listening {
+        traffic: Option<SocketAddr>,
+        https: Option<SocketAddr>,
+        admin: SocketAddr,
+    }
+    let ready = serde_json::to_string(&Ready {
+        listening: Listening {
+            traffic: proxy.traffic_addr(),
+            https: proxy.tls_addr(),
+            admin: proxy.admin_addr(),
+        },
+    })
+    .expect("addresses serialize");
+    let mut stdout = std::io::stdout();
+    // Nobody reading stdout is no reason to stop serving.
+    if let Err(e) = writeln!(stdout, "{ready}").and_then(|()| stdout.flush()) {
+        tracing::warn!(error = %e, "cannot print the ready line on stdout");
+    }
 }
 
 /// The three TLS flags go together: say which one is missing.

@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -15,31 +13,12 @@ use common::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_pong_on_8080_and_prints_live_lines() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_canary-proxy"))
-        .args(["demo", "--duration", "8s", "--traffic", "0"])
-        .current_dir(&root)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("canary-proxy demo starts");
-    let (stdout, stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-    let mut guard = ChildGuard(Some(child));
-    let out = Arc::new(Mutex::new(Vec::<String>::new()));
-    let err = Arc::new(Mutex::new(Vec::<String>::new()));
-    for (pipe, sink) in [
-        (
-            Box::new(stdout) as Box<dyn std::io::Read + Send>,
-            out.clone(),
-        ),
-        (Box::new(stderr), err.clone()),
-    ] {
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                sink.lock().unwrap().push(line);
-            }
-        });
-    }
+    let mut demo = Process::spawn(
+        Command::new(env!("CARGO_BIN_EXE_canary-proxy"))
+            .args(["demo", "--duration", "8s", "--traffic", "0"])
+            .current_dir(&root)
+            .env("RUST_LOG", "warn"),
+    );
 
     let addr = "127.0.0.1:8080".parse().unwrap();
     let c = client();
@@ -47,11 +26,11 @@ async fn demo_serves_pong_on_8080_and_prints_live_lines() {
         Duration::from_secs(20),
         "the demo to answer GET /ping on 127.0.0.1:8080",
         || {
-            if let Ok(Some(status)) = guard.0.as_mut().unwrap().try_wait() {
+            if let Some(status) = demo.try_wait() {
                 panic!(
                     "demo exited early with {status}; stdout: {:?}; stderr: {:?}",
-                    out.lock().unwrap(),
-                    err.lock().unwrap()
+                    demo.stdout_lines(),
+                    demo.stderr_lines()
                 );
             }
             let c = &c;
@@ -72,7 +51,7 @@ async fn demo_serves_pong_on_8080_and_prints_live_lines() {
         Duration::from_secs(10),
         "live lines for stable and canary on stdout",
         || async {
-            let lines = out.lock().unwrap();
+            let lines = demo.stdout_lines();
             let live = |name: &str| {
                 lines.iter().any(|l| {
                     l.starts_with('[')
@@ -85,7 +64,7 @@ async fn demo_serves_pong_on_8080_and_prints_live_lines() {
         },
     )
     .await;
-    let lines = out.lock().unwrap().clone();
+    let lines = demo.stdout_lines();
     assert!(
         lines.iter().any(|l| l.contains("http://127.0.0.1:8080")),
         "the banner names the proxy address: {lines:?}"
@@ -96,5 +75,5 @@ async fn demo_serves_pong_on_8080_and_prints_live_lines() {
     );
 
     // Stop it now rather than wait out --duration.
-    drop(guard);
+    drop(demo);
 }

@@ -112,6 +112,7 @@ async fn post_echo_of_200_mb_round_trips_intact_with_proxy_rss_under_64_mb() {
         routes(&[("stable", b.addr(), 100)], None).as_bytes(),
     )]);
     let proxy = spawn_proxy_binary(&cm.path("routes.toml"), &[]);
+    let addr = proxy.addr();
     let idle_rss = proxy.child.rss_bytes();
     assert!(idle_rss > 0, "RSS of the proxy process is readable");
 
@@ -125,7 +126,7 @@ async fn post_echo_of_200_mb_round_trips_intact_with_proxy_rss_under_64_mb() {
         let (received, done) = (received.clone(), done.clone());
         async move {
             let c: Client<_, Generated> = Client::builder(TokioExecutor::new()).build_http();
-            let req = Request::post(format!("http://{}/echo", proxy.addr))
+            let req = Request::post(format!("http://{addr}/echo"))
                 .body(body)
                 .unwrap();
             let resp = tokio::time::timeout(HANG, c.request(req))

@@ -300,19 +300,15 @@ async fn a_real_prometheus_scrape_gives_the_expected_error_ratio() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap()
     };
-    let mut prom = ChildGuard(Some(
+    let mut prom = Process::spawn(
         Command::new(prometheus)
             .arg(format!("--config.file={}", config.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
                 dir.path().join("data").display()
             ))
-            .arg(format!("--web.listen-address={web}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("prometheus starts"),
-    ));
+            .arg(format!("--web.listen-address={web}")),
+    );
 
     // Steady traffic while Prometheus scrapes: bounded in count and time.
     let load = Load::start(proxy.addr, 2, 400_000, Duration::from_secs(90));
@@ -339,10 +335,7 @@ async fn a_real_prometheus_scrape_gives_the_expected_error_ratio() {
         (client_ratio - CANARY_ERROR_RATE / 2.0).abs() < 0.03,
         "clients saw {failures} errors in {requests} requests"
     );
-    assert!(
-        prom.0.as_mut().unwrap().try_wait().unwrap().is_none(),
-        "prometheus is still running"
-    );
+    assert!(prom.try_wait().is_none(), "prometheus is still running");
 
     let ratio_of = |version: &str| -> Option<f64> {
         result

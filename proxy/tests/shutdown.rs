@@ -37,7 +37,7 @@ async fn sigterm_with_requests_in_flight_loses_none_and_exits_0() {
             "2",
         ],
     );
-    let (addr, admin) = (proxy.addr, proxy.admin);
+    let (addr, admin) = (proxy.addr(), proxy.admin());
     assert_eq!(
         get(&client(), admin, "/readyz").await.unwrap().status,
         StatusCode::OK,
@@ -83,14 +83,7 @@ async fn sigterm_with_requests_in_flight_loses_none_and_exits_0() {
         .expect("a new connection is accepted during the drain delay");
     assert_eq!((late.status.as_u16(), late.body.as_str()), (200, "pong"));
     assert!(
-        proxy
-            .child
-            .0
-            .as_mut()
-            .unwrap()
-            .try_wait()
-            .unwrap()
-            .is_none(),
+        proxy.child.try_wait().is_none(),
         "still running during the drain delay"
     );
 
@@ -105,7 +98,7 @@ async fn sigterm_with_requests_in_flight_loses_none_and_exits_0() {
     }
 
     let status = eventually(Duration::from_secs(20), "the proxy to exit", || {
-        let exited = proxy.child.0.as_mut().unwrap().try_wait().unwrap();
+        let exited = proxy.child.try_wait();
         async move { exited }
     })
     .await;
@@ -113,7 +106,7 @@ async fn sigterm_with_requests_in_flight_loses_none_and_exits_0() {
         status.code(),
         Some(0),
         "clean exit; log: {:?}",
-        proxy.log.lock().unwrap()
+        proxy.child.stderr_lines()
     );
     // After exit, the traffic port no longer accepts.
     assert!(

@@ -8,7 +8,6 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -645,29 +644,9 @@ fn routes_file(dir: &tempfile::TempDir) -> std::path::PathBuf {
     path
 }
 
-fn run_binary(args: &[&str]) -> ChildGuard {
-    let child = Command::new(env!("CARGO_BIN_EXE_canary-proxy"))
-        .arg("run")
-        .args(args)
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("canary-proxy starts");
-    ChildGuard(Some(child))
-}
-
 /// Run to exit (bounded); returns (exit code, stderr).
 fn start_up_failure(args: &[&str]) -> (Option<i32>, String) {
-    let mut child = run_binary(args);
-    let status = child.wait_exit(Duration::from_secs(20));
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(
-        child.0.as_mut().unwrap().stderr.as_mut().unwrap(),
-        &mut stderr,
-    )
-    .unwrap();
+    let (status, stderr) = Process::run_to_exit(&mut proxy_command(args), Duration::from_secs(20));
     (status.code(), stderr)
 }
 
@@ -782,59 +761,26 @@ async fn the_binary_serves_https_only_from_its_flags() {
     std::fs::write(dir.path().join("tls.key"), &leaf.key).unwrap();
     // HTTPS only (`--listen none`), the TLS flags given through their
     // environment variables.
-    let mut child = ChildGuard(Some(
-        Command::new(env!("CARGO_BIN_EXE_canary-proxy"))
-            .args([
-                "run",
-                "--listen",
-                "none",
-                "--admin-listen",
-                "127.0.0.1:0",
-                "--drain-delay",
-                "0s",
-                "--routes",
-            ])
-            .arg(&routes_path)
-            .env("CANARY_PROXY_TLS_LISTEN", "127.0.0.1:0")
-            .env("CANARY_PROXY_TLS_CERT", dir.path().join("tls.crt"))
-            .env("CANARY_PROXY_TLS_KEY", dir.path().join("tls.key"))
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("canary-proxy starts"),
-    ));
-    let stderr = child.0.as_mut().unwrap().stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut log = Vec::new();
-    let addr: SocketAddr = loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("no `serving https` line; log: {log:#?}"));
-        let found = line
-            .contains("serving https")
-            .then(|| {
-                line.split_whitespace()
-                    .find_map(|w| w.strip_prefix("addr="))
-                    .and_then(|a| a.parse().ok())
-            })
-            .flatten();
-        log.push(line);
-        if let Some(addr) = found {
-            break addr;
-        }
-    };
-    assert!(
-        !log.iter().any(|l| l.contains("serving traffic")),
-        "--listen none: no plain listener; log: {log:#?}"
+    let mut proxy = ProxyProcess::start(
+        proxy_command(&[
+            "--listen",
+            "none",
+            "--drain-delay",
+            "0s",
+            "--routes",
+            routes_path.to_str().unwrap(),
+        ])
+        .env("CANARY_PROXY_TLS_LISTEN", "127.0.0.1:0")
+        .env("CANARY_PROXY_TLS_CERT", dir.path().join("tls.crt"))
+        .env("CANARY_PROXY_TLS_KEY", dir.path().join("tls.key")),
     );
+    assert_eq!(
+        proxy.listening.get("traffic"),
+        None,
+        "--listen none: no plain listener; log: {:#?}",
+        proxy.child.stderr_lines()
+    );
+    let addr = proxy.https();
     let mut conn = connect(addr, client_config(&pki.ca_der(), BOTH))
         .await
         .unwrap();
@@ -844,6 +790,11 @@ async fn the_binary_serves_https_only_from_its_flags() {
         (a.status, a.body.as_str(), a.version()),
         (StatusCode::OK, "pong", "v1")
     );
-    child.signal("TERM");
-    assert!(child.wait_exit(Duration::from_secs(20)).success());
+    proxy.child.signal("TERM");
+    assert!(proxy.child.wait_exit(Duration::from_secs(20)).success());
+    let log = proxy.child.stderr_lines();
+    assert!(
+        !log.iter().any(|l| l.contains("serving traffic")),
+        "--listen none: no plain listener; log: {log:#?}"
+    );
 }

@@ -1,12 +1,12 @@
 //! Helpers shared by the integration tests: a small HTTP client over hyper-util's
-//! legacy client, polling with a deadline, and a guard for child processes.
+//! legacy client and polling with a deadline. Child processes are
+//! `ping_backend::testkit::Process`, shared with the proxy's tests.
 // Each test file compiles this module on its own and uses a different part of it.
 #![allow(dead_code)]
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::process::Child;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -122,15 +122,5 @@ impl Body for ChannelBody {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::default()
-    }
-}
-
-/// Kills and reaps the child when dropped, so a failing test leaves no process.
-pub struct ChildGuard(pub Child);
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }

@@ -1,14 +1,14 @@
 //! Helpers shared by the proxy's integration tests: real ping backends and a
 //! real proxy on 127.0.0.1:0, a kubelet ConfigMap simulator, an HTTP client,
-//! metric scraping, polling with a deadline, and child-process guards.
+//! metric scraping, polling with a deadline, and the real binary as a child
+//! process (through `ping_backend::testkit`, shared with the backend's tests).
 // Each test file compiles this module on its own and uses a part of it.
 #![allow(dead_code)]
 
 use std::future::Future;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
+pub use ping_backend::testkit::{Listening, Process};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type TestClient = Client<HttpConnector, Empty<Bytes>>;
@@ -314,128 +315,67 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         })
 }
 
-/// Kills the child when dropped, so a failing test leaves no process behind.
-pub struct ChildGuard(pub Option<Child>);
+/// Generous: only turns a binary that never gets ready into a failure.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
-impl ChildGuard {
-    pub fn id(&self) -> u32 {
-        self.0.as_ref().unwrap().id()
-    }
-
-    pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.id().to_string())
-            .status()
-            .expect("kill runs")
-            .success();
-        assert!(ok, "kill -{sig} failed");
-    }
-
-    /// Wait for exit, up to `timeout`; panics if the process is still running.
-    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.0.as_mut().unwrap().try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "process did not exit within {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Resident set size in bytes, from /proc.
-    pub fn rss_bytes(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.id())).unwrap_or_default();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-            .map(|kb| kb * 1024)
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for ChildGuard {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.0.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// The real `canary-proxy run` binary on 127.0.0.1:0 ports, with the
-/// addresses it bound read from its log. Logs after start-up go to `log`.
-pub struct ProxyProcess {
-    pub child: ChildGuard,
-    pub addr: SocketAddr,
-    pub admin: SocketAddr,
-    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-pub fn spawn_proxy_binary(routes: &Path, extra: &[&str]) -> ProxyProcess {
-    let mut child = Command::new(match option_env!("CARGO_BIN_EXE_canary-proxy") {
+/// `canary-proxy run` with `args`, listening on 127.0.0.1:0 for traffic and
+/// admin unless `args` say otherwise. Those defaults are given through their
+/// environment variables, which any flag overrides (`--listen none`, say); the
+/// other `CANARY_PROXY_*` variables of the shell running the tests are removed,
+/// so they cannot change what is tested.
+pub fn proxy_command(args: &[&str]) -> Command {
+    let mut command = Command::new(match option_env!("CARGO_BIN_EXE_canary-proxy") {
         Some(path) => path,
         None => panic!("only integration tests can run the binary; examples cannot"),
-    })
-    .args([
-        "run",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--routes",
-    ])
-    .arg(routes)
-    .args(extra)
-    .env("RUST_LOG", "info")
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("canary-proxy starts");
-    let stderr = child.stderr.take().unwrap();
-    let guard = ChildGuard(Some(child));
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line.clone());
-            sink.lock().unwrap().push(line);
-        }
     });
-    let (mut addr, mut admin) = (None, None);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while addr.is_none() || admin.is_none() {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| {
-                panic!(
-                    "proxy did not report its addresses; log: {:?}",
-                    log.lock().unwrap()
-                )
-            });
-        let found = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("addr="))
-            .and_then(|a| a.parse::<SocketAddr>().ok());
-        if line.contains("serving traffic") {
-            addr = found;
-        } else if line.contains("serving admin") {
-            admin = found;
+    for (var, _) in std::env::vars_os() {
+        if var.to_string_lossy().starts_with("CANARY_PROXY_") {
+            command.env_remove(var);
         }
     }
-    ProxyProcess {
-        child: guard,
-        addr: addr.unwrap(),
-        admin: admin.unwrap(),
-        log,
+    command
+        .arg("run")
+        .args(args)
+        .env("CANARY_PROXY_LISTEN", "127.0.0.1:0")
+        .env("CANARY_PROXY_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1");
+    command
+}
+
+/// The real `canary-proxy run` binary, and the addresses from its ready line.
+/// Killed when dropped.
+pub struct ProxyProcess {
+    pub child: Process,
+    pub listening: Listening,
+}
+
+impl ProxyProcess {
+    /// Start `command` (see [`proxy_command`]) and wait for its ready line.
+    pub fn start(command: &mut Command) -> ProxyProcess {
+        let mut child = Process::spawn(command);
+        let listening = child.listening(READY_TIMEOUT);
+        ProxyProcess { child, listening }
     }
+
+    /// The plain traffic listener; panics if it is turned off.
+    pub fn addr(&self) -> SocketAddr {
+        self.listening.addr("traffic")
+    }
+
+    /// The HTTPS listener; panics if it is turned off.
+    pub fn https(&self) -> SocketAddr {
+        self.listening.addr("https")
+    }
+
+    pub fn admin(&self) -> SocketAddr {
+        self.listening.addr("admin")
+    }
+}
+
+/// The real binary serving the routes file at `routes`, with `extra` flags.
+pub fn spawn_proxy_binary(routes: &Path, extra: &[&str]) -> ProxyProcess {
+    ProxyProcess::start(proxy_command(extra).env("CANARY_PROXY_ROUTES", routes))
 }
 
 /// Versions that answered a run of sequential requests, in order.
