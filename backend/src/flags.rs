@@ -28,7 +28,7 @@ pub enum FlagError {
     // `--version` is a value flag here (the version name to report), so clap's
     // automatic `--version` must not claim it.
     disable_version_flag = true,
-    after_help = "Endpoints:\n  GET  /ping     200 pong with x-ping-version (500 for the error rate)\n  POST /echo     streams the request body back\n  GET  /healthz  200 while the process is alive\n  GET  /readyz   200 while accepting traffic, 503 while draining\n\nOn SIGTERM or SIGINT: /readyz turns 503, /ping is served for the drain delay,\nthen the listener closes and in-flight requests get up to the shutdown timeout."
+    after_help = "Endpoints:\n  GET  /ping     200 pong with x-ping-version (500 for the error rate)\n  POST /upload   the same as GET /ping, after reading the whole request body\n  POST /echo     streams the request body back\n  GET  /healthz  200 while the process is alive\n  GET  /readyz   200 while accepting traffic, 503 while draining\n\nOn SIGTERM or SIGINT: /readyz turns 503, /ping is served for the drain delay,\nthen the listener closes and in-flight requests get up to the shutdown timeout."
 )]
 pub struct Flags {
     /// Address to listen on, as HOST:PORT (e.g. 0.0.0.0:8080; port 0 picks a free port).

@@ -7,8 +7,9 @@
 //! - [`config`]: [`Config`], the settings of one running backend.
 //! - [`flags`]: the command line (clap, every flag also read from a `PING_*` env var)
 //!   and the parsers that turn a bad value into a message naming its accepted form.
-//! - `service`: routing of the endpoints (`/ping`, `/echo`, `/healthz`, `/readyz`,
-//!   404 for anything else).
+//! - `service`: routing of the endpoints (`/ping`, `/upload` (a ping that reads
+//!   its request body first), `/echo`, `/healthz`, `/readyz`, 404 for anything
+//!   else).
 //! - `drain`: the readiness flag that `/readyz` reports and the last shutdown phase,
 //!   waiting for in-flight connections up to the shutdown timeout.
 //! - `server`: the accept loop and the shutdown sequence ([`serve`]), and the

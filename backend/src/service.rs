@@ -47,6 +47,14 @@ impl Routes {
         let http1 = req.version() < Version::HTTP_2;
         let mut response = match (req.method(), req.uri().path()) {
             (&Method::GET, "/ping") => self.ping().await,
+            // Like most application handlers, this one reads the whole request
+            // body before it answers, so a client that sends its body slowly,
+            // or breaks it off, holds the answer up. It is discarded as it
+            // arrives, not kept.
+            (&Method::POST, "/upload") => match drain_body(req.into_body()).await {
+                Ok(()) => self.ping().await,
+                Err(_) => text(StatusCode::BAD_REQUEST, "cannot read the request body"),
+            },
             // The body is handed over as is, never collected: this endpoint exists
             // to prove that the proxy streams large bodies both ways.
             (&Method::POST, "/echo") => Response::new(Either::Right(req.into_body())),
@@ -83,6 +91,15 @@ impl Routes {
             .insert(VERSION_HEADER, self.version.clone());
         response
     }
+}
+
+/// Read a body to its end, keeping nothing.
+async fn drain_body(mut body: Incoming) -> Result<(), hyper::Error> {
+    use http_body_util::BodyExt;
+    while let Some(frame) = body.frame().await {
+        frame?;
+    }
+    Ok(())
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {

@@ -186,3 +186,32 @@ async fn serve_refuses_a_version_that_is_no_header_value() {
     assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
     assert!(err.to_string().contains("version"), "{err}");
 }
+
+#[tokio::test]
+async fn upload_reads_the_whole_body_then_answers_like_ping() {
+    use http_body_util::{BodyExt, Full};
+    let backend = spawn(
+        "127.0.0.1:0",
+        Config {
+            version: "v7".into(),
+            error_rate: 0.0,
+            latency: Duration::ZERO,
+            drain_delay: Duration::ZERO,
+            shutdown_timeout: Duration::from_secs(5),
+        },
+    )
+    .await
+    .unwrap();
+    let body = Full::new(bytes::Bytes::from(vec![b'x'; 256 * 1024]))
+        .map_err(|never| match never {})
+        .boxed();
+    let req = http::Request::post(format!("http://{}/upload", backend.addr()))
+        .body(body)
+        .unwrap();
+    let resp = client().request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.headers()["x-ping-version"], "v7");
+    let text = resp.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(&text[..], b"pong");
+    backend.shutdown().await.unwrap();
+}
