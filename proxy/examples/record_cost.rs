@@ -1,5 +1,5 @@
 //! Measures what the request path pays to record one answer: the status
-//! counter, the duration histogram and the rollback window, through the
+//! counter, the duration histogram and the version's judgment, through the
 //! handles a snapshot carries (no label lookup). Run in release mode:
 //!
 //! ```sh
@@ -12,8 +12,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use canary_proxy::bench::Metrics;
-use canary_proxy::bench::Window;
+use canary_proxy::bench::{judgments, Metrics, Outcome};
 
 const N: u32 = 5_000_000;
 
@@ -24,7 +23,13 @@ fn per_op(elapsed: Duration) -> f64 {
 fn main() {
     let metrics = Metrics::new();
     let version = metrics.version("canary");
-    let window = Window::new(Duration::from_secs(30));
+    // The judgment a canary gets with both criteria on: the most the hot
+    // path can do per answer.
+    let routes = "[versions.stable]\nupstream = \"http://127.0.0.1:1\"\nweight = 90\n\
+                  [versions.canary]\nupstream = \"http://127.0.0.1:2\"\nweight = 10\n\
+                  [rollback]\ntarget = \"stable\"\nslower_than = \"250ms\"\n";
+    let judged = judgments(routes).expect("valid routes");
+    let (stable, canary) = (&judged[0], &judged[1]);
     let epoch = Instant::now();
     let latency = Duration::from_micros(300);
 
@@ -58,12 +63,17 @@ fn main() {
     }
     let lookup = per_op(start.elapsed());
 
-    // The rollback window: one record and the sum the guard checks.
+    // The judgment: the window counts and the sequential tests, for a
+    // healthy canary (1% errors, no slow answers: it never trips).
     let now = epoch.elapsed();
     let start = Instant::now();
     for i in 0..N {
-        window.record(black_box(now), i % 100 == 0);
-        black_box(window.totals(now));
+        let outcome = Outcome {
+            error: Some(i % 100 == 0),
+            waited: Some(latency),
+            unanswered: false,
+        };
+        black_box(canary.record(black_box(now), outcome, Some(stable)));
     }
     let guard = per_op(start.elapsed());
 
@@ -72,7 +82,7 @@ fn main() {
         "the same with a label lookup per request, as a naive recorder would do:    {lookup:.1} ns"
     );
     println!(
-        "rollback window: record + the sum the guard checks:                         {guard:.1} ns"
+        "judgment: window counts + both sequential tests (errors, latency):          {guard:.1} ns"
     );
     println!("RESULT record_cost_ns handles={handles:.1} label_lookup={lookup:.1} window={guard:.1} iterations={N} threads=1");
 }

@@ -7,39 +7,39 @@
 //! what they do, so that is the [`BodyHook`]; the polling, the one-shot
 //! guarantee and the drop handling live here, once.
 
-use std::fmt::Display;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use http_body::{Body, Frame, SizeHint};
 
 /// How a body ended, as its hook hears it; exactly once per body.
-pub(crate) enum End<'a> {
+pub(crate) enum End<'a, E> {
     /// Read to the end.
     Complete,
-    /// The inner body failed while being read.
-    Failed(&'a dyn Display),
+    /// The inner body failed while being read, with its error.
+    Failed(&'a E),
     /// Dropped before its end: the reader (the client) went away.
     /// `empty` is true when there was nothing left to read anyway (a HEAD,
     /// 204 or 304 answer, or a length of 0 that was never polled).
     Dropped { empty: bool },
 }
 
-/// What a [`Hooked`] body does besides passing frames through.
-pub(crate) trait BodyHook {
+/// What a [`Hooked`] body does besides passing frames through, for a body
+/// whose errors are `E`.
+pub(crate) trait BodyHook<E> {
     /// Runs before every poll of the inner body, with the reader's context.
     fn before_poll(&mut self, _cx: &mut Context<'_>) {}
     /// Runs once, when the body is over.
-    fn end(self, how: End<'_>);
+    fn end(self, how: End<'_, E>);
 }
 
 /// `inner`, with `hook` told how it ended.
-pub(crate) struct Hooked<B: Body, H: BodyHook> {
+pub(crate) struct Hooked<B: Body, H: BodyHook<B::Error>> {
     inner: B,
     hook: Option<H>,
 }
 
-impl<B: Body, H: BodyHook> Hooked<B, H> {
+impl<B: Body, H: BodyHook<B::Error>> Hooked<B, H> {
     pub(crate) fn new(inner: B, hook: H) -> Self {
         Hooked {
             inner,
@@ -56,8 +56,7 @@ impl<B: Body, H: BodyHook> Hooked<B, H> {
 impl<B, H> Body for Hooked<B, H>
 where
     B: Body + Unpin,
-    B::Error: Display,
-    H: BodyHook + Unpin,
+    H: BodyHook<B::Error> + Unpin,
 {
     type Data = B::Data;
     type Error = B::Error;
@@ -96,7 +95,7 @@ where
     }
 }
 
-impl<B: Body, H: BodyHook> Drop for Hooked<B, H> {
+impl<B: Body, H: BodyHook<B::Error>> Drop for Hooked<B, H> {
     fn drop(&mut self) {
         if let Some(hook) = self.hook.take() {
             hook.end(End::Dropped {

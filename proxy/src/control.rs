@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use http::HeaderValue;
 
 use crate::clock::Clock;
-use crate::guard::{Judgment, Trip, Verdicts};
+use crate::guard::{Criterion, Judgment, Trip, Verdicts};
 use crate::metrics::{Metrics, VersionMetrics};
 use crate::routes::{RollbackPolicy, RouteTable, VersionSpec};
 use crate::snapshot::{RollbackRecord, Snapshot, Store, VersionRuntime};
@@ -185,10 +185,18 @@ impl Verdicts for Control {
         if !current || inner.latches.contains_key(version) || index == policy.target {
             return;
         }
+        let latency = policy.latency.as_ref();
         let record = Arc::new(RollbackRecord {
             at: self.store.clock().wall(),
-            totals: trip.totals,
-            threshold: policy.error_rate,
+            criterion: trip.criterion,
+            counts: trip.window,
+            judged: trip.judged,
+            threshold: match (trip.criterion, latency) {
+                (Criterion::Latency, Some(l)) => l.slow_rate,
+                _ => policy.error_rate,
+            },
+            slower_than: latency.map(|l| l.slower_than),
+            trip_odds: policy.trip_odds,
             window: policy.window,
             target: table.versions[policy.target].name.clone(),
         });
@@ -205,14 +213,11 @@ impl Verdicts for Control {
         let snapshot = build(&mut inner, table.clone(), &self.metrics);
         tracing::warn!(
             version,
-            ratio = format_args!("{:.4}", record.totals.ratio()),
-            errors = record.totals.errors,
-            requests = record.totals.requests,
-            window = %humantime::format_duration(policy.window),
-            threshold = record.threshold,
+            criterion = trip.criterion.as_str(),
+            reason = %record.reason(),
             target = %record.target,
             generation = snapshot.generation,
-            "rolled back: error ratio above threshold; its traffic now goes to the target until its entry in the routes file changes"
+            "rolled back; its traffic now goes to the target until its entry in the routes file changes"
         );
         self.store.publish(snapshot);
     }
@@ -273,11 +278,11 @@ fn build(inner: &mut Inner, table: Arc<RouteTable>, metrics: &Metrics) -> Snapsh
             .entry(spec.name.clone())
             .or_insert_with(|| Arc::new(metrics.version(&spec.name)))
             .clone();
-        let judged = policy.filter(|p| p.target != index);
         let judgment = match inner.judgments.get(&spec.name) {
             Some(e) if e.spec == *spec && e.policy.as_ref() == policy => e.judgment.clone(),
             _ => {
-                let judgment = Arc::new(Judgment::new(window, judged));
+                let judged = policy.is_some_and(|p| p.target != index);
+                let judgment = Arc::new(Judgment::new(window, policy, judged));
                 inner.judgments.insert(
                     spec.name.clone(),
                     Evidence {
@@ -326,9 +331,19 @@ fn build(inner: &mut Inner, table: Arc<RouteTable>, metrics: &Metrics) -> Snapsh
     };
     for v in snapshot.versions.iter() {
         let (configured, effective) = snapshot.shares(v.index);
-        metrics.set_shares(&v.name, configured, effective, v.rollback.is_some());
+        let tripped = v.rollback.as_ref().map(|r| r.criterion);
+        metrics.set_shares(&v.name, configured, effective, tripped);
     }
     snapshot
+}
+
+/// A fresh judgment for every version of `table`, as `build` makes them.
+pub(crate) fn judgments(table: &RouteTable) -> Vec<Judgment> {
+    let policy = table.rollback.as_ref();
+    let window = policy.map_or(DEFAULT_WINDOW, |p| p.window);
+    (0..table.versions.len())
+        .map(|index| Judgment::new(window, policy, policy.is_some_and(|p| p.target != index)))
+        .collect()
 }
 
 fn weights(table: &RouteTable) -> String {
@@ -350,6 +365,7 @@ pub(crate) fn unix_seconds(t: SystemTime) -> f64 {
 mod tests {
     use super::*;
     use crate::clock::ManualClock;
+    use crate::guard::Outcome;
     use crate::routes;
 
     const START: Duration = Duration::from_secs(1_800_000_000);
@@ -374,6 +390,14 @@ mod tests {
         clock: Arc<ManualClock>,
     }
 
+    fn answer(error: bool) -> Outcome {
+        Outcome {
+            error: Some(error),
+            waited: Some(Duration::from_millis(1)),
+            unanswered: false,
+        }
+    }
+
     impl Fixture {
         fn new(table: RouteTable) -> Self {
             let clock = Arc::new(ManualClock::new(SystemTime::UNIX_EPOCH + START));
@@ -385,39 +409,46 @@ mod tests {
             self.control.store().load()
         }
 
-        /// Record `n` answers of the canary, as the request path does, and
-        /// pass any verdict on. Returns whether one was reached.
-        fn canary_answers(&self, n: usize, error: bool) -> bool {
+        /// Record canary answers as the request path does, passing any
+        /// verdict on, until one trips or `n` are recorded. Returns how many
+        /// it took to trip.
+        fn canary_answers(&self, n: usize, error: bool) -> Option<usize> {
             let snap = self.snapshot();
-            let v = &snap.versions[1];
-            let mut tripped = false;
-            for _ in 0..n {
-                if let Some(trip) = v.judgment.record(self.clock.now(), error) {
-                    tripped = true;
+            let (v, target) = (&snap.versions[1], &snap.versions[0].judgment);
+            for i in 1..=n {
+                if let Some(trip) = v
+                    .judgment
+                    .record(self.clock.now(), answer(error), Some(target))
+                {
                     self.control.trip(&v.name, &v.judgment, trip);
+                    return Some(i);
                 }
             }
-            tripped
+            None
         }
 
         fn rolled_back(&self) -> bool {
             self.snapshot().versions[1].rollback.is_some()
+        }
+
+        /// Trip the canary with a run of errors.
+        fn trip(&self) {
+            assert!(self.canary_answers(100, true).is_some(), "100 errors trip");
+            assert!(self.rolled_back());
         }
     }
 
     #[test]
     fn a_trip_latches_and_moves_the_weight_to_the_target() {
         let f = Fixture::new(table(10, Some(POLICY)));
-        assert!(
-            !f.canary_answers(4, true),
-            "4 answers are below min_requests"
-        );
         f.clock.advance(Duration::from_secs(3));
-        assert!(f.canary_answers(1, true));
+        let took = f.canary_answers(100, true).expect("100 errors trip");
         let snap = f.snapshot();
         let record = snap.versions[1].rollback.as_ref().expect("latched");
-        assert_eq!(record.totals.requests, 5);
-        assert_eq!(record.totals.errors, 5);
+        assert_eq!(record.criterion, crate::guard::Criterion::Errors);
+        assert_eq!(record.counts.samples, took as u64);
+        assert_eq!(record.counts.hits, took as u64);
+        assert_eq!(record.judged, took as u64);
         assert_eq!(record.target, "stable");
         // The record's time is the clock's, not the system's.
         assert_eq!(
@@ -426,24 +457,36 @@ mod tests {
         );
         assert_eq!(&*snap.effective, &[100, 0]);
         assert_eq!(snap.generation, 2);
+        assert!(
+            record.reason().contains("above threshold 0.1"),
+            "{}",
+            record.reason()
+        );
     }
 
     #[test]
-    fn evidence_leaves_the_window_as_the_clock_moves() {
+    fn min_requests_is_a_floor_under_any_evidence() {
+        let f = Fixture::new(table(
+            10,
+            Some(&POLICY.replace("min_requests = 5", "min_requests = 40")),
+        ));
+        assert_eq!(f.canary_answers(100, true), Some(40));
+    }
+
+    #[test]
+    fn the_window_counts_follow_the_clock() {
         let f = Fixture::new(table(10, Some(POLICY)));
-        assert!(!f.canary_answers(4, true));
-        // Past the 10 s window, those 4 errors no longer count.
+        assert_eq!(f.canary_answers(3, false), None);
+        let judgment = f.snapshot().versions[1].judgment.clone();
+        assert_eq!(judgment.totals(f.clock.now()).requests, 3);
         f.clock.advance(Duration::from_secs(11));
-        assert!(!f.canary_answers(4, true));
-        assert!(!f.rolled_back());
-        assert!(f.canary_answers(1, true));
+        assert_eq!(judgment.totals(f.clock.now()).requests, 0);
     }
 
     #[test]
     fn the_latch_survives_reloads_that_leave_the_version_alone() {
         let f = Fixture::new(table(10, Some(POLICY)));
-        f.canary_answers(5, true);
-        assert!(f.rolled_back());
+        f.trip();
         // Stable's weight changes; the canary entry does not.
         let mut t = table(10, Some(POLICY));
         t.versions[0].weight = 80;
@@ -460,17 +503,22 @@ mod tests {
     #[test]
     fn changing_the_entry_resets_the_latch_and_starts_fresh_evidence() {
         let f = Fixture::new(table(10, Some(POLICY)));
-        f.canary_answers(5, true);
+        f.trip();
         let old = f.snapshot().versions[1].judgment.clone();
-        assert!(f.rolled_back());
         assert_eq!(f.control.apply(table(5, Some(POLICY))), Applied::Published);
         let snap = f.snapshot();
         assert!(!f.rolled_back());
         assert_eq!(&*snap.effective, &[90, 5]);
-        assert_eq!(snap.versions[1].judgment.totals(f.clock.now()).requests, 0);
+        let fresh = &snap.versions[1].judgment;
+        assert_eq!(fresh.totals(f.clock.now()).requests, 0);
+        assert_eq!(fresh.evidence(crate::guard::Criterion::Errors), Some(0.0));
         // A verdict reached on the old evidence is ignored.
         let stale = crate::guard::Trip {
-            totals: old.totals(f.clock.now()),
+            criterion: crate::guard::Criterion::Errors,
+            window: old
+                .totals(f.clock.now())
+                .of(crate::guard::Criterion::Errors),
+            judged: 100,
         };
         f.control.trip("canary", &old, stale);
         assert!(!f.rolled_back());
@@ -479,15 +527,14 @@ mod tests {
     #[test]
     fn a_latch_cannot_stand_without_a_target() {
         let f = Fixture::new(table(10, Some(POLICY)));
-        f.canary_answers(5, true);
-        assert!(f.rolled_back());
+        f.trip();
         f.control.apply(table(10, None));
         assert!(!f.rolled_back());
         assert_eq!(&*f.snapshot().effective, &[90, 10]);
 
         // The canary becoming the target clears it too.
         let f = Fixture::new(table(10, Some(POLICY)));
-        f.canary_answers(5, true);
+        f.trip();
         f.control
             .apply(table(10, Some(&POLICY.replace("\"stable\"", "\"canary\""))));
         assert!(!f.rolled_back());
@@ -496,12 +543,15 @@ mod tests {
     #[test]
     fn the_target_and_a_file_without_policy_never_trip() {
         let f = Fixture::new(table(10, None));
-        assert!(!f.canary_answers(100, true));
+        assert_eq!(f.canary_answers(1000, true), None);
         let f = Fixture::new(table(10, Some(POLICY)));
         let snap = f.snapshot();
         let stable = &snap.versions[0];
-        for _ in 0..100 {
-            assert_eq!(stable.judgment.record(f.clock.now(), true), None);
+        for _ in 0..1000 {
+            assert_eq!(
+                stable.judgment.record(f.clock.now(), answer(true), None),
+                None
+            );
         }
     }
 

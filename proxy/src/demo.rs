@@ -238,9 +238,10 @@ async fn live_view(proxy: &Proxy) {
             let w = v.judgment.totals(now);
             let state = match &v.rollback {
                 Some(r) => format!(
-                    "ROLLED BACK at {} (ratio {:.3} > {})",
+                    "ROLLED BACK at {} ({}: ratio {:.3} > {})",
                     humantime::format_rfc3339_seconds(r.at),
-                    r.totals.ratio(),
+                    r.criterion.as_str(),
+                    r.counts.ratio(),
                     r.threshold
                 ),
                 None if v.judgment.is_judged() => {

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::forward::{ForwardConfig, Forwarder};
 use crate::guard::Verdicts;
+use crate::metrics::Metrics;
 use crate::snapshot::Store;
 
 /// One event loop and the request path that lives on it.
@@ -47,11 +48,19 @@ impl EventLoops {
         threads: usize,
         store: &Arc<Store>,
         verdicts: &Arc<dyn Verdicts>,
+        metrics: &Arc<Metrics>,
         config: &ForwardConfig,
     ) -> std::io::Result<EventLoops> {
         let stop = CancellationToken::new();
         let mut loops = Vec::new();
-        let forwarder = || Forwarder::new(store.clone(), verdicts.clone(), config.clone());
+        let forwarder = || {
+            Forwarder::new(
+                store.clone(),
+                verdicts.clone(),
+                metrics.clone(),
+                config.clone(),
+            )
+        };
         let mut joins = Vec::new();
         if threads <= 1 {
             let forwarder = forwarder();

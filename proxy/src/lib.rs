@@ -19,7 +19,7 @@
 //! `snapshot::Store` (one `ArcSwap<Snapshot>`).
 //!
 //! **The one edge back up the flow**: a rollback verdict. The request path
-//! holds it as [`guard::Verdicts`], a one-method interface that `control`
+//! holds it as `guard::Verdicts`, a one-method interface that `control`
 //! implements; it never sees `control` itself.
 //!
 //! **Admin**: `admin` serves `/healthz`, `/readyz`, `/metrics` and
@@ -73,9 +73,24 @@ pub fn check_routes(path: &std::path::Path) -> Result<String, RoutesError> {
     routes::load(path).map(|table| table.describe())
 }
 
-/// What the benches and examples drive directly, outside a running proxy.
+/// What the benches and examples drive directly, outside a running proxy:
+/// the real decision code (`bench/detection` simulates traffic through it),
+/// the evidence window and the metrics handles.
 pub mod bench {
     pub use crate::clock::{Clock, ManualClock, SystemClock};
-    pub use crate::guard::{Totals, Window};
+    pub use crate::guard::{Counts, Criterion, Judgment, Outcome, Totals, Trip, Window};
     pub use crate::metrics::{Metrics, VersionMetrics};
+
+    /// The judgment of each version of a routes file, in file order, built
+    /// exactly as the control plane builds them (the target's only counts).
+    pub fn judgments(routes_toml: &str) -> Result<Vec<Judgment>, String> {
+        let table = crate::routes::parse(routes_toml.as_bytes()).map_err(|problems| {
+            problems
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join("; ")
+        })?;
+        Ok(crate::control::judgments(&table))
+    }
 }

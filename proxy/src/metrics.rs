@@ -15,6 +15,8 @@ use prometheus::{
     IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::guard::Criterion;
+
 /// Buckets from 0.5 ms to 10 s: a proxy hop on loopback is sub-millisecond,
 /// a slow upstream is seconds, and the default buckets (5 ms first) would
 /// hide the difference between a healthy and a degraded hop.
@@ -29,6 +31,62 @@ pub(crate) enum UpstreamErrorKind {
     Connect,
     Timeout,
     Reset,
+}
+
+/// A request that failed because of its client; the `kind` label of
+/// `canary_proxy_client_errors_total`. None of them is evidence against a
+/// version.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ClientErrorKind {
+    /// The request body's framing is invalid (a bad chunk): 400.
+    Malformed,
+    /// The client closed the connection or reset the stream mid-body: 499.
+    Aborted,
+    /// The body was still arriving when the upstream deadline passed: 408.
+    Timeout,
+    /// The client gave up before the answer came: 499.
+    Cancelled,
+}
+
+impl ClientErrorKind {
+    const ALL: [ClientErrorKind; 4] = [
+        ClientErrorKind::Malformed,
+        ClientErrorKind::Aborted,
+        ClientErrorKind::Timeout,
+        ClientErrorKind::Cancelled,
+    ];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            ClientErrorKind::Malformed => "malformed",
+            ClientErrorKind::Aborted => "aborted",
+            ClientErrorKind::Timeout => "timeout",
+            ClientErrorKind::Cancelled => "cancelled",
+        }
+    }
+
+    /// The status the proxy answers (or, for a client that is gone, logs
+    /// and counts: 499, as NGINX does).
+    pub(crate) fn status(self) -> http::StatusCode {
+        match self {
+            ClientErrorKind::Malformed => http::StatusCode::BAD_REQUEST,
+            ClientErrorKind::Timeout => http::StatusCode::REQUEST_TIMEOUT,
+            ClientErrorKind::Aborted | ClientErrorKind::Cancelled => {
+                http::StatusCode::from_u16(499).expect("499 is in the valid range")
+            }
+        }
+    }
+
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            ClientErrorKind::Malformed => "the client's request body is malformed",
+            ClientErrorKind::Aborted => "the client went away mid-body",
+            ClientErrorKind::Timeout => {
+                "the client's request body was still arriving at the upstream timeout"
+            }
+            ClientErrorKind::Cancelled => "the client gave up before the answer",
+        }
+    }
 }
 
 impl UpstreamErrorKind {
@@ -49,6 +107,12 @@ impl UpstreamErrorKind {
 
 pub struct Metrics {
     registry: Registry,
+    /// `canary_proxy_client_errors_total` by kind, in the order of
+    /// `ClientErrorKind::ALL`.
+    client_errors: [IntCounter; 4],
+    rollback_evidence: GaugeVec,
+    rollback_held: IntGaugeVec,
+    rollback_tripped: IntGaugeVec,
     requests: IntCounterVec,
     duration: HistogramVec,
     upstream_errors: IntCounterVec,
@@ -97,14 +161,20 @@ impl Metrics {
         let registry = Registry::new();
         let r = &registry;
         let v = &["version"];
+        let client_errors = registered(r, IntCounterVec::new(opts("canary_proxy_client_errors_total", "Requests that failed because of the client (malformed, aborted, timeout, cancelled); never counted against a version."), &["kind"]));
         let m = Metrics {
+            client_errors: ClientErrorKind::ALL
+                .map(|k| client_errors.with_label_values(&[k.as_str()])),
+            rollback_evidence: registered(r, GaugeVec::new(opts("canary_proxy_rollback_evidence", "How close the evidence that a version breaks its objective is to the trip point, 0..1, by version and criterion (errors, latency)."), &["version", "criterion"])),
+            rollback_held: registered(r, IntGaugeVec::new(opts("canary_proxy_rollback_held", "1 while a rollback decision of the version is held because the target is failing at least as much."), v)),
+            rollback_tripped: registered(r, IntGaugeVec::new(opts("canary_proxy_rollback_tripped", "1 while a latched rollback of the version was tripped by this criterion (errors, latency)."), &["version", "criterion"])),
             requests: registered(r, IntCounterVec::new(opts("canary_proxy_requests_total", "Requests answered, by version and the status code returned to the client (including 502/504 made by the proxy)."), &["version", "code"])),
             duration: registered(r, HistogramVec::new(HistogramOpts::new("canary_proxy_request_duration_seconds", "Time from receiving a request to the end of its response body, by version.").buckets(DURATION_BUCKETS.to_vec()), v)),
-            upstream_errors: registered(r, IntCounterVec::new(opts("canary_proxy_upstream_errors_total", "Failed upstream exchanges, by version and kind (connect, timeout, reset)."), &["version", "kind"])),
+            upstream_errors: registered(r, IntCounterVec::new(opts("canary_proxy_upstream_errors_total", "Failed upstream exchanges, by version and kind (connect, timeout, reset); only the upstream's faults."), &["version", "kind"])),
             in_flight: registered(r, IntGaugeVec::new(opts("canary_proxy_in_flight_requests", "Requests being served, by version."), v)),
             weight: registered(r, GaugeVec::new(opts("canary_proxy_weight", "Configured traffic share of each version, 0..1."), v)),
             effective_weight: registered(r, GaugeVec::new(opts("canary_proxy_effective_weight", "Traffic share of each version after rollback decisions, 0..1."), v)),
-            error_ratio: registered(r, GaugeVec::new(opts("canary_proxy_error_ratio", "Error ratio of each version over the rollback window."), v)),
+            error_ratio: registered(r, GaugeVec::new(opts("canary_proxy_error_ratio", "Error ratio of each version over the rollback window (answers judged on errors only)."), v)),
             error_ratio_threshold: registered(r, Gauge::with_opts(opts("canary_proxy_error_ratio_threshold", "The configured rollback.error_rate (0 when rollback is off)."))),
             config_reloads: registered(r, IntCounterVec::new(opts("canary_proxy_config_reloads_total", "Routes reload attempts after start-up, by result (success, failure)."), &["result"])),
             config_last_success: registered(r, Gauge::with_opts(opts("canary_proxy_config_last_reload_success_timestamp_seconds", "Unix time of the last successful routes load."))),
@@ -166,6 +236,15 @@ impl Metrics {
         let _ = self.duration.remove_label_values(&[name]);
         let _ = self.in_flight.remove_label_values(&[name]);
         let _ = self.rollback_active.remove_label_values(&[name]);
+        let _ = self.rollback_held.remove_label_values(&[name]);
+        for criterion in Criterion::ALL {
+            let _ = self
+                .rollback_evidence
+                .remove_label_values(&[name, criterion.as_str()]);
+            let _ = self
+                .rollback_tripped
+                .remove_label_values(&[name, criterion.as_str()]);
+        }
         for vec in [&self.weight, &self.effective_weight, &self.error_ratio] {
             let _ = vec.remove_label_values(&[name]);
         }
@@ -179,14 +258,44 @@ impl Metrics {
         }
     }
 
-    pub fn set_shares(&self, name: &str, configured: f64, effective: f64, rollback_active: bool) {
+    /// The routing state of a version, as a snapshot publishes it.
+    /// `tripped` is the criterion of its latched rollback, if any.
+    pub(crate) fn set_shares(
+        &self,
+        name: &str,
+        configured: f64,
+        effective: f64,
+        tripped: Option<Criterion>,
+    ) {
         self.weight.with_label_values(&[name]).set(configured);
         self.effective_weight
             .with_label_values(&[name])
             .set(effective);
         self.rollback_active
             .with_label_values(&[name])
-            .set(rollback_active as i64);
+            .set(tripped.is_some() as i64);
+        for criterion in Criterion::ALL {
+            self.rollback_tripped
+                .with_label_values(&[name, criterion.as_str()])
+                .set((tripped == Some(criterion)) as i64);
+        }
+    }
+
+    /// The judgment of a version, refreshed before a scrape: the evidence
+    /// per criterion judged, and whether a decision is held.
+    pub(crate) fn set_judgment(&self, name: &str, evidence: &[(Criterion, f64)], held: bool) {
+        for (criterion, value) in evidence {
+            self.rollback_evidence
+                .with_label_values(&[name, criterion.as_str()])
+                .set(*value);
+        }
+        self.rollback_held
+            .with_label_values(&[name])
+            .set(held as i64);
+    }
+
+    pub(crate) fn client_error(&self, kind: ClientErrorKind) {
+        self.client_errors[kind as usize].inc();
     }
 
     pub fn set_error_ratio(&self, name: &str, ratio: f64) {

@@ -127,8 +127,14 @@ impl Proxy {
         let control = Control::new(table, metrics, Arc::new(SystemClock::new()));
         let verdicts: Arc<dyn Verdicts> = control.clone();
         let event_loops = Arc::new(
-            EventLoops::start(config.threads, control.store(), &verdicts, &config.forward)
-                .map_err(StartError::Threads)?,
+            EventLoops::start(
+                config.threads,
+                control.store(),
+                &verdicts,
+                control.metrics(),
+                &config.forward,
+            )
+            .map_err(StartError::Threads)?,
         );
         let readiness = Arc::new(Readiness::default());
         let stop_accepting = CancellationToken::new();
@@ -286,21 +292,30 @@ pub async fn run(
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// Resolves on SIGTERM or SIGINT. The handlers are installed when this is
+/// called, not when the future is first polled, so a signal that arrives in
+/// between is not lost. Must be called inside the tokio runtime.
+pub fn shutdown_signal() -> impl Future<Output = ()> {
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    if let Err(e) = &term {
+        tracing::error!(error = %e, "cannot listen for SIGTERM; only SIGINT will stop the proxy");
+    }
+    let interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt());
+    if let Err(e) = &interrupt {
+        tracing::error!(error = %e, "cannot listen for SIGINT");
+    }
+    async move {
+        let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+            match s {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
             }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM; only SIGINT will stop the proxy");
-                std::future::pending::<()>().await;
-            }
+        };
+        tokio::select! {
+            _ = wait(term) => tracing::info!("SIGTERM received"),
+            _ = wait(interrupt) => tracing::info!("SIGINT received"),
         }
-    };
-    tokio::select! {
-        _ = term => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
     }
 }

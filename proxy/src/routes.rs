@@ -26,8 +26,15 @@ use toml::Spanned;
 pub(crate) const MAX_WEIGHT: u64 = 1_000_000;
 
 const DEFAULT_ERROR_RATE: f64 = 0.05;
-const DEFAULT_MIN_REQUESTS: u64 = 50;
+/// The judgment is safe on few answers (docs/rollback.md); this floor only
+/// keeps a handful of answers from deciding, however bad.
+const DEFAULT_MIN_REQUESTS: u64 = 10;
 const DEFAULT_WINDOW: Duration = Duration::from_secs(30);
+/// The odds of the evidence at which a version trips (see `guard`); chosen
+/// with bench/detection to meet the false-rollback goals with a margin.
+pub(crate) const DEFAULT_TRIP_ODDS: f64 = 1e5;
+const TRIP_ODDS_RANGE: (f64, f64) = (100.0, 1e12);
+const DEFAULT_SLOW_RATE: f64 = 0.05;
 
 /// A validated routes file. Built once per (re)load and never mutated.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,11 +74,26 @@ impl fmt::Display for Upstream {
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct RollbackPolicy {
     /// Index into [`RouteTable::versions`] of the version that takes over.
-    pub target: usize,
-    pub error_rate: f64,
-    pub min_requests: u64,
-    pub window: Duration,
-    pub error_codes: ErrorCodes,
+    pub(crate) target: usize,
+    /// The line a version's true error rate must not cross.
+    pub(crate) error_rate: f64,
+    /// No rollback before a version has this many answers judged.
+    pub(crate) min_requests: u64,
+    /// The span of the counts the target comparison and `/status` use.
+    pub(crate) window: Duration,
+    pub(crate) error_codes: ErrorCodes,
+    /// How strong the evidence must be (see `guard`).
+    pub(crate) trip_odds: f64,
+    /// Hold a decision while the target fails at least as much.
+    pub(crate) compare_target: bool,
+    pub(crate) latency: Option<LatencyObjective>,
+}
+
+/// "At most `slow_rate` of answers slower than `slower_than`."
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct LatencyObjective {
+    pub(crate) slower_than: Duration,
+    pub(crate) slow_rate: f64,
 }
 
 /// The set of upstream status codes that count as errors for rollback.
@@ -281,7 +303,17 @@ raw_table!(
 
 raw_table!(
     /// `[rollback]`
-    RawRollback { target, error_rate, min_requests, window, error_codes }
+    RawRollback {
+        target,
+        error_rate,
+        min_requests,
+        window,
+        error_codes,
+        slower_than,
+        slow_rate,
+        trip_odds,
+        compare_target,
+    }
 );
 
 /// The top level: the tables above.
@@ -535,12 +567,73 @@ fn validate_rollback(
             }
         }
     };
+    let trip_odds = match &raw.trip_odds {
+        None => DEFAULT_TRIP_ODDS,
+        Some(v) => match number(v.get_ref()) {
+            Some(x) if (TRIP_ODDS_RANGE.0..=TRIP_ODDS_RANGE.1).contains(&x) => x,
+            _ => {
+                problems.add("rollback.trip_odds", Some(v.span()), format!("{} is out of range; use a number from 100 to 1e12, like 100000 (the default; higher is slower to act and wrong less often)", show(v.get_ref())));
+                DEFAULT_TRIP_ODDS
+            }
+        },
+    };
+    let compare_target = match &raw.compare_target {
+        None => true,
+        Some(v) => match v.get_ref() {
+            toml::Value::Boolean(b) => *b,
+            other => {
+                problems.add(
+                    "rollback.compare_target",
+                    Some(v.span()),
+                    format!("{} is not a boolean; use true or false", show(other)),
+                );
+                true
+            }
+        },
+    };
+    let slower_than = raw.slower_than.as_ref().and_then(|v| {
+        match v.get_ref().as_str().map(humantime::parse_duration) {
+            Some(Ok(d)) if d >= Duration::from_millis(1) && d <= Duration::from_secs(3600) => Some(d),
+            _ => {
+                problems.add("rollback.slower_than", Some(v.span()), format!("{} is not accepted; use a duration string from \"1ms\" to \"1h\", like \"250ms\"", show(v.get_ref())));
+                None
+            }
+        }
+    });
+    let slow_rate = raw.slow_rate.as_ref().map(|v| match number(v.get_ref()) {
+        Some(x) if x > 0.0 && x < 1.0 => x,
+        _ => {
+            problems.add(
+                "rollback.slow_rate",
+                Some(v.span()),
+                format!(
+                    "{} is out of range; use a fraction with 0 < x < 1, like 0.01 for 1%",
+                    show(v.get_ref())
+                ),
+            );
+            DEFAULT_SLOW_RATE
+        }
+    });
+    if let (None, Some(v)) = (&raw.slower_than, &raw.slow_rate) {
+        problems.add(
+            "rollback.slow_rate",
+            Some(v.span()),
+            "has no effect without slower_than; add slower_than = \"250ms\" (the latency that counts as slow), or remove slow_rate",
+        );
+    }
+    let latency = slower_than.map(|slower_than| LatencyObjective {
+        slower_than,
+        slow_rate: slow_rate.unwrap_or(DEFAULT_SLOW_RATE),
+    });
     target.map(|target| RollbackPolicy {
         target,
         error_rate,
         min_requests,
         window,
         error_codes,
+        trip_odds,
+        compare_target,
+        latency,
     })
 }
 
@@ -746,14 +839,29 @@ impl RouteTable {
             ));
         }
         match &self.rollback {
-            Some(r) => out.push_str(&format!(
-                "rollback: to `{}` when a version has >= {} requests in {} and an error ratio above {} (errors: status {}, connect failures, timeouts, resets)\n",
-                self.versions[r.target].name,
-                r.min_requests,
-                humantime::format_duration(r.window),
-                r.error_rate,
-                r.error_codes
-            )),
+            Some(r) => {
+                out.push_str(&format!(
+                    "rollback: to `{}` when a version's error rate is shown above {} at odds {}:1, after >= {} requests judged; counts over {} (errors: status {}, connect failures, timeouts, resets)\n",
+                    self.versions[r.target].name,
+                    r.error_rate,
+                    r.trip_odds,
+                    r.min_requests,
+                    humantime::format_duration(r.window),
+                    r.error_codes
+                ));
+                if let Some(l) = &r.latency {
+                    out.push_str(&format!(
+                        "latency: also when more than {} of its answers are shown slower than {} (time to the response head)\n",
+                        l.slow_rate,
+                        humantime::format_duration(l.slower_than)
+                    ));
+                }
+                out.push_str(if r.compare_target {
+                    "hold: a decision waits while the target fails at least as much (compare_target = true)\n"
+                } else {
+                    "hold: off (compare_target = false)\n"
+                });
+            }
             None => out.push_str("rollback: off (no [rollback] table)\n"),
         }
         out

@@ -12,7 +12,7 @@ use http::uri::{Authority, Scheme};
 use http::HeaderValue;
 
 use crate::clock::Clock;
-use crate::guard::{Judgment, Totals};
+use crate::guard::{Counts, Criterion, Judgment};
 use crate::metrics::VersionMetrics;
 use crate::routes::{RollbackPolicy, RouteTable};
 use crate::split::Split;
@@ -56,10 +56,46 @@ pub(crate) struct VersionRuntime {
 #[derive(Debug, Clone)]
 pub(crate) struct RollbackRecord {
     pub(crate) at: SystemTime,
-    pub(crate) totals: Totals,
+    pub(crate) criterion: Criterion,
+    /// The criterion's counts over the window when it tripped.
+    pub(crate) counts: Counts,
+    /// Answers judged on the criterion when it tripped.
+    pub(crate) judged: u64,
+    /// The criterion's line: `error_rate` or `slow_rate`.
     pub(crate) threshold: f64,
+    pub(crate) slower_than: Option<Duration>,
+    pub(crate) trip_odds: f64,
     pub(crate) window: Duration,
     pub(crate) target: String,
+}
+
+impl RollbackRecord {
+    /// One line, for the log and `/status`.
+    pub(crate) fn reason(&self) -> String {
+        let c = self.counts;
+        let window = humantime::format_duration(self.window);
+        match (self.criterion, self.slower_than) {
+            (Criterion::Latency, Some(limit)) => format!(
+                "share of answers slower than {} above threshold {}: {} of {} in the last {window} (ratio {:.4}); shown at odds {}:1 after {} answers judged",
+                humantime::format_duration(limit),
+                self.threshold,
+                c.hits,
+                c.samples,
+                c.ratio(),
+                self.trip_odds,
+                self.judged
+            ),
+            _ => format!(
+                "error rate above threshold {}: {} errors / {} requests in the last {window} (ratio {:.4}); shown at odds {}:1 after {} requests judged",
+                self.threshold,
+                c.hits,
+                c.samples,
+                c.ratio(),
+                self.trip_odds,
+                self.judged
+            ),
+        }
+    }
 }
 
 impl Snapshot {

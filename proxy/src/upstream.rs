@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::uri::Authority;
 use http::{Request, Response};
-use http_body_util::{Either, Empty};
+use http_body::Body;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -33,10 +33,22 @@ use tokio::net::TcpStream;
 
 use crate::body::{BodyHook, End, Hooked};
 
-/// Body sent upstream: the client's, streamed, or nothing on a retry.
-pub(crate) type UpstreamBody = Either<Incoming, Empty<Bytes>>;
+/// What a request body sent upstream must be. The pool does not care which
+/// body it is: the request path decides (the client's, or none on a retry).
+pub(crate) trait SendBody:
+    Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + Unpin + 'static
+{
+}
 
-type Driver = http1::Connection<TokioIo<TcpStream>, UpstreamBody>;
+impl<T> SendBody for T where
+    T: Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
+        + Send
+        + Unpin
+        + 'static
+{
+}
+
+type Driver<B> = http1::Connection<TokioIo<TcpStream>, B>;
 
 #[derive(Debug, Clone)]
 pub(crate) struct UpstreamConfig {
@@ -71,27 +83,27 @@ pub(crate) enum ConnectError {
 /// versions, so a reload keeps the warm connections of every upstream that
 /// did not change.
 #[derive(Debug)]
-pub(crate) struct Upstreams {
-    idle: Mutex<HashMap<Authority, Vec<Idle>>>,
+pub(crate) struct Upstreams<B: SendBody> {
+    idle: Mutex<HashMap<Authority, Vec<Idle<B>>>>,
     config: UpstreamConfig,
 }
 
 #[derive(Debug)]
-struct Idle {
-    conn: Conn,
+struct Idle<B: SendBody> {
+    conn: Conn<B>,
     since: Instant,
 }
 
 /// One HTTP/1.1 connection: the handle requests go in by, and the state
 /// machine that must be polled for them to make progress.
-struct Conn {
-    sender: http1::SendRequest<UpstreamBody>,
+struct Conn<B: SendBody> {
+    sender: http1::SendRequest<B>,
     /// `None` once the connection has ended. Boxed: a `Conn` moves in and
     /// out of the pool on every request, and hyper's state is large.
-    driver: Option<Pin<Box<Driver>>>,
+    driver: Option<Pin<Box<Driver<B>>>>,
 }
 
-impl std::fmt::Debug for Conn {
+impl<B: SendBody> std::fmt::Debug for Conn<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Conn")
             .field("open", &self.driver.is_some())
@@ -99,7 +111,7 @@ impl std::fmt::Debug for Conn {
     }
 }
 
-impl Conn {
+impl<B: SendBody> Conn<B> {
     /// Let the connection do what it can; false once it has ended. Errors
     /// need no handling here: hyper hands them to the request or the body
     /// waiting on this connection.
@@ -123,7 +135,7 @@ impl Conn {
     }
 }
 
-impl Upstreams {
+impl<B: SendBody> Upstreams<B> {
     pub(crate) fn new(config: UpstreamConfig) -> Arc<Self> {
         Arc::new(Upstreams {
             idle: Mutex::new(HashMap::new()),
@@ -140,10 +152,10 @@ impl Upstreams {
     pub(crate) async fn send(
         self: &Arc<Self>,
         authority: &Authority,
-        req: Request<UpstreamBody>,
+        req: Request<B>,
         opened: &prometheus::IntCounter,
         upgrade: bool,
-    ) -> Result<Response<PooledBody>, SendError> {
+    ) -> Result<Response<PooledBody<B>>, SendError> {
         if upgrade {
             // Boxed for the same reason as a new connection, below.
             return Box::pin(self.send_upgrade(authority, req, opened)).await;
@@ -173,11 +185,10 @@ impl Upstreams {
     /// One request on `conn`, driving it until the response head is in.
     async fn exchange(
         self: &Arc<Self>,
-        mut conn: Conn,
+        mut conn: Conn<B>,
         authority: &Authority,
-        req: Request<UpstreamBody>,
-    ) -> Result<Response<PooledBody>, hyper::client::conn::TrySendError<Request<UpstreamBody>>>
-    {
+        req: Request<B>,
+    ) -> Result<Response<PooledBody<B>>, hyper::client::conn::TrySendError<Request<B>>> {
         let mut response = std::pin::pin!(conn.sender.try_send_request(req));
         let resp = std::future::poll_fn(|cx| {
             conn.drive(cx);
@@ -203,9 +214,9 @@ impl Upstreams {
     async fn send_upgrade(
         &self,
         authority: &Authority,
-        req: Request<UpstreamBody>,
+        req: Request<B>,
         opened: &prometheus::IntCounter,
-    ) -> Result<Response<PooledBody>, SendError> {
+    ) -> Result<Response<PooledBody<B>>, SendError> {
         let Conn {
             mut sender, driver, ..
         } = self.connect(authority).await?;
@@ -226,7 +237,7 @@ impl Upstreams {
     }
 
     /// The most recently used idle connection that can take a request now.
-    fn checkout(&self, authority: &Authority) -> Option<Conn> {
+    fn checkout(&self, authority: &Authority) -> Option<Conn<B>> {
         loop {
             let idle = {
                 let mut pool = self.idle.lock().expect("upstream pool lock");
@@ -254,7 +265,7 @@ impl Upstreams {
         }
     }
 
-    fn checkin(&self, authority: Authority, conn: Conn) {
+    fn checkin(&self, authority: Authority, conn: Conn<B>) {
         let mut pool = self.idle.lock().expect("upstream pool lock");
         pool.entry(authority).or_default().push(Idle {
             conn,
@@ -262,7 +273,7 @@ impl Upstreams {
         });
     }
 
-    async fn connect(&self, authority: &Authority) -> Result<Conn, ConnectError> {
+    async fn connect(&self, authority: &Authority) -> Result<Conn<B>, ConnectError> {
         let port = authority.port_u16().unwrap_or(80);
         // An IPv6 literal comes bracketed in an authority.
         let host = authority
@@ -339,13 +350,13 @@ fn quiet() -> Context<'static> {
 
 /// A connection on loan to one exchange; back to the pool when the response
 /// body has ended, closed if it is dropped before that.
-pub(crate) struct Lease {
-    conn: Conn,
-    home: Arc<Upstreams>,
+pub(crate) struct Lease<B: SendBody> {
+    conn: Conn<B>,
+    home: Arc<Upstreams<B>>,
     authority: Authority,
 }
 
-impl Lease {
+impl<B: SendBody> Lease<B> {
     fn release(mut self) {
         // One more poll lets hyper settle the finished exchange and ask for
         // the next request; a connection that cannot is not reused. No
@@ -359,14 +370,14 @@ impl Lease {
 /// The upstream's response body. Polling it also drives the connection it
 /// arrives on, which no other task does; at its end the connection goes back
 /// to the pool (see [`Lease`]). An upgrade's body has no lease.
-pub(crate) type PooledBody = Hooked<Incoming, Lease>;
+pub(crate) type PooledBody<B> = Hooked<Incoming, Lease<B>>;
 
-impl BodyHook for Lease {
+impl<B: SendBody> BodyHook<hyper::Error> for Lease<B> {
     fn before_poll(&mut self, cx: &mut Context<'_>) {
         self.conn.drive(cx);
     }
 
-    fn end(self, how: End<'_>) {
+    fn end(self, how: End<'_, hyper::Error>) {
         match how {
             End::Complete => self.release(),
             // A body with nothing in it (HEAD, 204, 304, length 0) may be
@@ -382,7 +393,7 @@ impl BodyHook for Lease {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http_body_util::{BodyExt, Full};
+    use http_body_util::{BodyExt, Empty, Full};
     use hyper::service::service_fn;
     use std::convert::Infallible;
     use tokio::net::TcpListener;
@@ -420,26 +431,28 @@ mod tests {
         addr.to_string().parse().unwrap()
     }
 
-    fn pool(idle_timeout: Duration) -> Arc<Upstreams> {
+    type TestBody = Empty<Bytes>;
+
+    fn pool(idle_timeout: Duration) -> Arc<Upstreams<TestBody>> {
         Upstreams::new(UpstreamConfig {
             connect_timeout: Duration::from_secs(2),
             idle_timeout,
         })
     }
 
-    fn get(authority: &Authority, path: &str) -> Request<UpstreamBody> {
+    fn get(authority: &Authority, path: &str) -> Request<TestBody> {
         Request::get(path)
             .header(http::header::HOST, authority.as_str())
-            .body(Either::Right(Empty::new()))
+            .body(Empty::new())
             .unwrap()
     }
 
     async fn send(
-        pool: &Arc<Upstreams>,
+        pool: &Arc<Upstreams<TestBody>>,
         authority: &Authority,
         path: &str,
         opened: &prometheus::IntCounter,
-    ) -> Response<PooledBody> {
+    ) -> Response<PooledBody<TestBody>> {
         pool.send(authority, get(authority, path), opened, false)
             .await
             .expect("the upstream answers")

@@ -300,6 +300,65 @@ fn rollback_numbers_must_be_in_range() {
 }
 
 #[test]
+fn the_judgment_keys_are_validated() {
+    rejects(
+        &with_rollback("slower_than = \"fast\""),
+        &["rollback.slower_than", "\"1ms\" to \"1h\"", "\"250ms\""],
+    );
+    rejects(
+        &with_rollback("slower_than = \"0s\""),
+        &["rollback.slower_than", "\"1ms\" to \"1h\""],
+    );
+    rejects(
+        &with_rollback("slower_than = \"250ms\"\nslow_rate = 1.5"),
+        &["rollback.slow_rate", "1.5", "0 < x < 1"],
+    );
+    rejects(
+        &with_rollback("slow_rate = 0.01"),
+        &["rollback.slow_rate", "without slower_than"],
+    );
+    rejects(
+        &with_rollback("trip_odds = 5"),
+        &["rollback.trip_odds", "100 to 1e12"],
+    );
+    rejects(
+        &with_rollback("compare_target = \"yes\""),
+        &["rollback.compare_target", "not a boolean"],
+    );
+    rejects(
+        &with_rollback("slow_rat = 0.01"),
+        &["rollback.slow_rat", "did you mean `slow_rate`"],
+    );
+}
+
+#[test]
+fn a_latency_objective_and_the_hold_are_described() {
+    let c = check(&with_rollback(
+        "slower_than = \"250ms\"\nslow_rate = 0.01\ntrip_odds = 1e6\ncompare_target = false",
+    ));
+    assert_eq!(c.code, Some(0), "stderr: {}", c.stderr);
+    let line = |prefix: &str| {
+        c.stdout
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .unwrap_or_else(|| panic!("a {prefix} line: {}", c.stdout))
+            .to_owned()
+    };
+    let rollback = line("rollback:");
+    assert!(rollback.contains("odds 1000000:1"), "{rollback}");
+    let latency = line("latency:");
+    assert!(
+        latency.contains("0.01") && latency.contains("250ms"),
+        "{latency}"
+    );
+    assert!(line("hold:").contains("off"), "{}", c.stdout);
+    // Without slower_than there is no latency objective, and the hold is on.
+    let c = check(&with_rollback("error_rate = 0.1"));
+    assert!(!c.stdout.contains("latency:"), "{}", c.stdout);
+    assert!(c.stdout.contains("hold: a decision waits"), "{}", c.stdout);
+}
+
+#[test]
 fn unreadable_files_are_reported_with_where_to_look() {
     rejects(
         &format!("{STABLE}weight = = 3\n"),

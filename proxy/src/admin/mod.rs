@@ -20,8 +20,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::control::Control;
+use crate::guard::Criterion;
 use crate::server;
-use status::Status;
+use status::{JudgmentView, Status};
 
 /// Whether the proxy wants new traffic: `/readyz`, turned off by the
 /// shutdown sequence.
@@ -111,16 +112,24 @@ fn route(
     }
 }
 
-/// The gauges computed from the evidence windows, set just before a scrape
-/// rather than on every request.
+/// The gauges computed from the judgments, set just before a scrape rather
+/// than on every request.
 fn refresh_gauges(control: &Control) {
     let store = control.store();
     let snap = store.load();
     let now = store.now();
     for v in snap.versions.iter() {
-        control
-            .metrics()
-            .set_error_ratio(&v.name, v.judgment.totals(now).ratio());
+        let metrics = control.metrics();
+        metrics.set_error_ratio(&v.name, v.judgment.totals(now).ratio());
+        let view = JudgmentView::new(v, snap.policy(), now);
+        let evidence: Vec<_> = [
+            (Criterion::Errors, &view.errors),
+            (Criterion::Latency, &view.latency),
+        ]
+        .into_iter()
+        .filter_map(|(c, view)| Some((c, view.as_ref()?.evidence)))
+        .collect();
+        metrics.set_judgment(&v.name, &evidence, view.is_held());
     }
 }
 

@@ -7,8 +7,9 @@ use std::time::{Duration, SystemTime};
 use serde::Serialize;
 
 use crate::control::ReloadStatus;
-use crate::guard::Totals;
-use crate::snapshot::{RollbackRecord, Snapshot};
+use crate::guard::{Counts, Criterion, Judgment, Totals};
+use crate::routes::RollbackPolicy;
+use crate::snapshot::{RollbackRecord, Snapshot, VersionRuntime};
 
 #[derive(Debug, Serialize)]
 pub(crate) struct Status {
@@ -43,26 +44,65 @@ pub(crate) struct VersionView {
     pub(crate) window: WindowView,
     pub(crate) rolled_back: bool,
     pub(crate) rollback: Option<RollbackView>,
+    pub(crate) judgment: JudgmentView,
 }
 
 #[derive(Debug, Serialize)]
 pub(crate) struct WindowView {
+    /// Answers judged on errors, and the errors among them.
     pub(crate) requests: u64,
     pub(crate) errors: u64,
     pub(crate) error_ratio: f64,
+    /// Answers timed against `slower_than` (0 without a latency
+    /// objective), and the slow ones among them.
+    pub(crate) timed: u64,
+    pub(crate) slow: u64,
+    pub(crate) slow_ratio: f64,
 }
 
 /// A latched rollback.
 #[derive(Debug, Serialize)]
 pub(crate) struct RollbackView {
     pub(crate) at: String,
+    /// The criterion that tripped: `errors` or `latency`.
+    pub(crate) criterion: &'static str,
     /// One line, as the log says it.
     pub(crate) reason: String,
+    /// The criterion's ratio over the window when it tripped.
     pub(crate) ratio: f64,
+    /// For `errors`: the errors in the window; for `latency`: the slow answers.
     pub(crate) errors: u64,
+    /// The answers judged on the criterion in the window.
     pub(crate) requests: u64,
+    /// The answers judged on the criterion since the judgment started.
+    pub(crate) judged: u64,
+    /// The criterion's line: `error_rate` or `slow_rate`.
     pub(crate) threshold: f64,
     pub(crate) target: String,
+}
+
+/// The judgment of a version: the decision, and the evidence per criterion.
+#[derive(Debug, Serialize)]
+pub(crate) struct JudgmentView {
+    /// `not_judged` (the target, or rollback off), `watching`, `held` (a
+    /// crossing waits because the target fails at least as much), or
+    /// `rolled_back`.
+    pub(crate) decision: &'static str,
+    /// `null` for a criterion this version is not judged on.
+    pub(crate) errors: Option<CriterionView>,
+    pub(crate) latency: Option<CriterionView>,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct CriterionView {
+    /// The line the true rate must not cross.
+    pub(crate) threshold: f64,
+    /// How close the evidence is to the trip point: 0 to 1.
+    pub(crate) evidence: f64,
+    /// Answers judged on this criterion since the judgment started.
+    pub(crate) judged: u64,
+    /// A crossing on this criterion was held within the last window.
+    pub(crate) held: bool,
 }
 
 /// The `[rollback]` policy in force.
@@ -73,6 +113,11 @@ pub(crate) struct PolicyView {
     pub(crate) min_requests: u64,
     pub(crate) window_seconds: f64,
     pub(crate) error_codes: String,
+    pub(crate) trip_odds: f64,
+    pub(crate) compare_target: bool,
+    /// `null` without a latency objective.
+    pub(crate) slower_than_seconds: Option<f64>,
+    pub(crate) slow_rate: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -109,6 +154,7 @@ impl Status {
                     window: WindowView::new(totals),
                     rolled_back: rt.rollback.is_some(),
                     rollback: rt.rollback.as_deref().map(RollbackView::new),
+                    judgment: JudgmentView::new(rt, snap.policy(), now),
                 }
             })
             .collect();
@@ -118,6 +164,10 @@ impl Status {
             min_requests: r.min_requests,
             window_seconds: r.window.as_secs_f64(),
             error_codes: r.error_codes.to_string(),
+            trip_odds: r.trip_odds,
+            compare_target: r.compare_target,
+            slower_than_seconds: r.latency.as_ref().map(|l| l.slower_than.as_secs_f64()),
+            slow_rate: r.latency.as_ref().map(|l| l.slow_rate),
         });
         Status {
             routes: RoutesView {
@@ -146,29 +196,69 @@ impl WindowView {
             requests: t.requests,
             errors: t.errors,
             error_ratio: t.ratio(),
+            timed: t.timed,
+            slow: t.slow,
+            slow_ratio: t.slow_ratio(),
         }
     }
 }
 
 impl RollbackView {
     fn new(r: &RollbackRecord) -> Self {
-        let t = r.totals;
+        let c: Counts = r.counts;
         RollbackView {
             at: rfc3339(r.at),
-            reason: format!(
-                "error ratio {:.4} ({} errors / {} requests in {}s) above threshold {}",
-                t.ratio(),
-                t.errors,
-                t.requests,
-                r.window.as_secs_f64(),
-                r.threshold
-            ),
-            ratio: t.ratio(),
-            errors: t.errors,
-            requests: t.requests,
+            criterion: r.criterion.as_str(),
+            reason: r.reason(),
+            ratio: c.ratio(),
+            errors: c.hits,
+            requests: c.samples,
+            judged: r.judged,
             threshold: r.threshold,
             target: r.target.clone(),
         }
+    }
+}
+
+impl JudgmentView {
+    pub(crate) fn new(v: &VersionRuntime, policy: Option<&RollbackPolicy>, now: Duration) -> Self {
+        let j: &Judgment = &v.judgment;
+        let window = policy.map_or(Duration::ZERO, |p| p.window);
+        let criterion = |c: Criterion| {
+            let line = match c {
+                Criterion::Errors => policy?.error_rate,
+                Criterion::Latency => policy?.latency.as_ref()?.slow_rate,
+            };
+            Some(CriterionView {
+                threshold: line,
+                evidence: j.evidence(c)?,
+                judged: j.judged(c)?,
+                held: j.held(c, now, window),
+            })
+        };
+        let (errors, latency) = (criterion(Criterion::Errors), criterion(Criterion::Latency));
+        let held = [&errors, &latency]
+            .iter()
+            .any(|c| c.as_ref().is_some_and(|c| c.held));
+        let decision = if v.rollback.is_some() {
+            "rolled_back"
+        } else if !j.is_judged() {
+            "not_judged"
+        } else if held {
+            "held"
+        } else {
+            "watching"
+        };
+        JudgmentView {
+            decision,
+            errors,
+            latency,
+        }
+    }
+
+    /// Whether the version's decision is held right now.
+    pub(crate) fn is_held(&self) -> bool {
+        self.decision == "held"
     }
 }
 

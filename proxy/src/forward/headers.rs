@@ -5,9 +5,8 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Uri, Version};
 
-use super::ConnInfo;
+use super::{ConnInfo, UpstreamBody};
 use crate::snapshot::VersionRuntime;
-use crate::upstream::UpstreamBody;
 
 /// Headers that describe one connection, not the message (RFC 9110
 /// section 7.6.1). A proxy must not forward them.

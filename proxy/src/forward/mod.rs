@@ -7,16 +7,22 @@
 //!    the client;
 //! 3. [`retry`]: the one retry on the rollback target;
 //! 4. [`upgrade`]: WebSocket tunnels;
-//! 5. [`observe`]: record every answer once, and pass verdicts on.
+//! 5. [`upload`]: note how the client's request body ended, so that a
+//!    failure the client caused is charged to the client;
+//! 6. [`observe`]: record every answer once, and pass verdicts on.
 //!
-//! Status codes for failures are decided in one place, [`Failure`]: a
-//! connect failure or a reset before the response head is `502`, an upstream
-//! timeout is `504`.
+//! Status codes for failures are decided in one place, [`Failure`], by the
+//! failure's source. The upstream's: a connect failure or a reset before the
+//! response head is `502`, an upstream timeout is `504`. The client's: a
+//! malformed request body is `400`, a body too slow to arrive before the
+//! upstream deadline is `408`, a client that went away is `499` (logged and
+//! counted; nobody is left to read it).
 
 mod headers;
 mod observe;
 mod retry;
 mod upgrade;
+mod upload;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -34,16 +40,18 @@ use hyper::body::Incoming;
 use tokio_util::task::TaskTracker;
 
 use crate::body::Hooked;
-use crate::guard::Verdicts;
-use crate::metrics::UpstreamErrorKind;
-use crate::snapshot::{Snapshot, Store, VersionRuntime};
-use crate::upstream::{
-    ConnectError, PooledBody, SendError, UpstreamBody, UpstreamConfig, Upstreams,
-};
+use crate::guard::{Outcome, Verdicts};
+use crate::metrics::{ClientErrorKind, Metrics, UpstreamErrorKind};
+use crate::snapshot::{Store, VersionRuntime};
+use crate::upstream::{ConnectError, PooledBody, SendError, UpstreamConfig, Upstreams};
 
 pub(crate) use observe::ObservedBody;
-use observe::{Observation, Recorder};
+use observe::{Evidence, Observation, Pending, Recorder, Recording};
 use retry::Retry;
+use upload::{ClientBody, UploadState};
+
+/// Body sent upstream: the client's, streamed, or nothing on a retry.
+pub(crate) type UpstreamBody = Either<ClientBody, Empty<Bytes>>;
 
 /// What [`Forwarder::handle`] returns: hyper's service future.
 pub(crate) type ResponseFuture =
@@ -89,7 +97,7 @@ impl ConnInfo {
 /// The request path of one event loop, with its own upstream pool.
 pub(crate) struct Forwarder {
     recorder: Arc<Recorder>,
-    upstreams: Arc<Upstreams>,
+    upstreams: Arc<Upstreams<UpstreamBody>>,
     config: ForwardConfig,
     /// Upgraded (WebSocket) tunnels, so shutdown can wait for them.
     tunnels: TaskTracker,
@@ -105,29 +113,33 @@ impl std::fmt::Debug for Forwarder {
 
 /// A request ready to go upstream, and what answering it needs later.
 struct Plan {
-    start: Instant,
-    snap: Arc<Snapshot>,
-    index: usize,
+    /// Recorded once, even if the client gives up before the answer.
+    pending: Pending,
     request: Request<UpstreamBody>,
+    upload: UploadState,
     upgrade: Option<hyper::upgrade::OnUpgrade>,
     original_host: Option<HeaderValue>,
     retry: Option<Retry>,
 }
 
-/// An exchange that produced no upstream response.
+/// An exchange that produced no upstream response, by whose fault.
 #[derive(Debug)]
 enum Failure {
     Connect(ConnectError),
     Reset(hyper::Error),
     Timeout(Duration),
+    /// The client's request body broke, stopped, or came too slowly.
+    Client(ClientErrorKind, Option<hyper::Error>),
 }
 
 impl Failure {
-    fn kind(&self) -> UpstreamErrorKind {
+    /// The upstream's fault, if it is one.
+    fn upstream_kind(&self) -> Option<UpstreamErrorKind> {
         match self {
-            Failure::Connect(_) => UpstreamErrorKind::Connect,
-            Failure::Reset(_) => UpstreamErrorKind::Reset,
-            Failure::Timeout(_) => UpstreamErrorKind::Timeout,
+            Failure::Connect(_) => Some(UpstreamErrorKind::Connect),
+            Failure::Reset(_) => Some(UpstreamErrorKind::Reset),
+            Failure::Timeout(_) => Some(UpstreamErrorKind::Timeout),
+            Failure::Client(..) => None,
         }
     }
 
@@ -135,12 +147,21 @@ impl Failure {
         match self {
             Failure::Connect(_) | Failure::Reset(_) => StatusCode::BAD_GATEWAY,
             Failure::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Failure::Client(kind, _) => kind.status(),
         }
     }
 
     fn describe(&self, version: &VersionRuntime) -> String {
         let upstream = format!("{}://{}", version.scheme, version.authority);
         match self {
+            Failure::Client(kind, e) => format!(
+                "{} while sending to version {} at {upstream}{}",
+                kind.describe(),
+                version.name,
+                e.as_ref()
+                    .map(|e| format!(": {}", source_chain(e)))
+                    .unwrap_or_default()
+            ),
             Failure::Connect(e) => format!(
                 "cannot connect to version {} at {upstream}: {}",
                 version.name,
@@ -164,6 +185,7 @@ impl Forwarder {
     pub(crate) fn new(
         store: Arc<Store>,
         verdicts: Arc<dyn Verdicts>,
+        metrics: Arc<Metrics>,
         config: ForwardConfig,
     ) -> Arc<Self> {
         let upstreams = Upstreams::new(UpstreamConfig {
@@ -171,7 +193,11 @@ impl Forwarder {
             idle_timeout: config.pool_idle_timeout,
         });
         Arc::new(Forwarder {
-            recorder: Arc::new(Recorder { store, verdicts }),
+            recorder: Arc::new(Recorder {
+                store,
+                verdicts,
+                metrics,
+            }),
             upstreams,
             config,
             tunnels: TaskTracker::new(),
@@ -182,7 +208,7 @@ impl Forwarder {
         &self.tunnels
     }
 
-    pub(crate) fn upstreams(&self) -> &Arc<Upstreams> {
+    pub(crate) fn upstreams(&self) -> &Arc<Upstreams<UpstreamBody>> {
         &self.upstreams
     }
 
@@ -245,6 +271,7 @@ impl Forwarder {
         };
         let first = &snap.versions[index];
         first.metrics.in_flight.inc();
+        let (body, upload) = upload::watch(body);
         let request = headers::build_request(
             parts.method,
             &parts.uri,
@@ -253,11 +280,16 @@ impl Forwarder {
             original_host.as_ref(),
             Either::Left(body),
         );
-        Ok(Plan {
-            start,
+        let pending = Pending::new(Recording {
             snap,
+            recorder: self.recorder.clone(),
             index,
+            start,
+        });
+        Ok(Plan {
+            pending,
             request,
+            upload,
             upgrade,
             original_host,
             retry,
@@ -268,15 +300,13 @@ impl Forwarder {
         self: Arc<Self>,
         mut plan: Plan,
     ) -> Result<Response<ObservedBody>, Infallible> {
-        let snap = plan.snap.clone();
-        let index = plan.index;
-        let first = &snap.versions[index];
+        let snap = plan.pending.recording().snap.clone();
+        let first = &snap.versions[plan.pending.recording().index];
         let limit = self.config.upstream_timeout.unwrap_or(Duration::MAX);
-        let mut answered_by = index;
         // One `.await` serves the first attempt and the retry, so this
         // future holds room for one exchange, not two.
         let outcome = loop {
-            let attempt = &snap.versions[answered_by];
+            let attempt = &snap.versions[plan.pending.recording().index];
             // No limit is a deadline that never comes: one path for both.
             let exchange = self.upstreams.send(
                 &attempt.authority,
@@ -287,8 +317,14 @@ impl Forwarder {
             let outcome = match tokio::time::timeout(limit, exchange).await {
                 Ok(Ok(resp)) => Ok(resp),
                 Ok(Err(SendError::Connect(e))) => Err(Failure::Connect(e)),
-                Ok(Err(SendError::Exchange(e))) => Err(Failure::Reset(e)),
-                Err(_) => Err(Failure::Timeout(limit)),
+                Ok(Err(SendError::Exchange(e))) => Err(match plan.upload.fault(false) {
+                    Some(kind) => Failure::Client(kind, Some(e)),
+                    None => Failure::Reset(e),
+                }),
+                Err(_) => Err(match plan.upload.fault(true) {
+                    Some(kind) => Failure::Client(kind, None),
+                    None => Failure::Timeout(limit),
+                }),
             };
             let failure = match &outcome {
                 Err(failure) => failure,
@@ -301,10 +337,9 @@ impl Forwarder {
             // failure still counts against the failed version.
             let target_rt = &snap.versions[retry.target];
             tracing::warn!(version = %first.name, target = %target_rt.name, error = %failure.describe(first), "upstream failed before answering; retrying once on the rollback target");
-            self.record_failed_attempt(first, failure.kind());
+            self.record_failed_attempt(plan.pending.recording(), failure);
             first.metrics.retries.inc();
-            first.metrics.in_flight.dec();
-            target_rt.metrics.in_flight.inc();
+            plan.pending.switch_to(retry.target);
             plan.request = headers::build_request(
                 retry.method,
                 &retry.uri,
@@ -313,33 +348,28 @@ impl Forwarder {
                 plan.original_host.as_ref(),
                 Either::Right(Empty::new()),
             );
-            answered_by = retry.target;
         };
-        Ok(self.respond(&snap, plan.start, plan.upgrade, answered_by, outcome))
+        Ok(self.respond(plan.pending.answered(), plan.upgrade, plan.upload, outcome))
     }
 
-    /// The client's response: the upstream's, or the proxy's own 502/504.
+    /// The client's response: the upstream's, or the proxy's own answer to
+    /// a failure.
     fn respond(
         &self,
-        snap: &Arc<Snapshot>,
-        start: Instant,
+        rec: Recording,
         upgrade: Option<hyper::upgrade::OnUpgrade>,
-        answered_by: usize,
-        outcome: Result<Response<PooledBody>, Failure>,
+        upload: UploadState,
+        outcome: Result<Response<PooledBody<UpstreamBody>>, Failure>,
     ) -> Response<ObservedBody> {
-        let version = &snap.versions[answered_by];
-        let observation = |status: StatusCode, error: bool| Observation {
-            snap: snap.clone(),
-            recorder: self.recorder.clone(),
-            index: answered_by,
-            status: status.as_u16(),
-            start,
-            error,
-        };
+        let waited = rec.start.elapsed();
+        // Everything read from the version happens before `rec` moves into
+        // the observation.
+        let version = &rec.snap.versions[rec.index];
         match outcome {
             Ok(mut resp) => {
                 let status = resp.status();
-                let error = snap
+                let error = rec
+                    .snap
                     .policy()
                     .map(|p| p.error_codes.contains(status.as_u16()))
                     .unwrap_or(status.is_server_error());
@@ -355,17 +385,41 @@ impl Forwarder {
                 } else {
                     headers::strip_hop_by_hop(resp.headers_mut());
                 }
-                let obs = observation(status, error);
+                let obs = Observation {
+                    rec,
+                    status: status.as_u16(),
+                    evidence: Some(Evidence { error, waited }),
+                    upload,
+                };
                 resp.map(|b| Hooked::new(Either::Left(b), obs))
             }
             Err(failure) => {
                 let message = failure.describe(version);
-                tracing::warn!(version = %version.name, kind = failure.kind().as_str(), error = %message, "upstream request failed");
-                version.metrics.upstream_error(failure.kind());
                 let status = failure.status();
+                let evidence = match &failure {
+                    Failure::Client(kind, _) => {
+                        tracing::info!(version = %version.name, kind = kind.as_str(), status = status.as_u16(), error = %message, "request failed on the client's side; not counted against the version");
+                        self.recorder.metrics.client_error(*kind);
+                        None
+                    }
+                    upstream => {
+                        let kind = upstream.upstream_kind().expect("not the client's");
+                        tracing::warn!(version = %version.name, kind = kind.as_str(), error = %message, "upstream request failed");
+                        version.metrics.upstream_error(kind);
+                        Some(Evidence {
+                            error: true,
+                            waited,
+                        })
+                    }
+                };
                 let body = Full::new(Bytes::from(format!("{status}: {message}\n")));
-                let mut resp =
-                    Response::new(Hooked::new(Either::Right(body), observation(status, true)));
+                let obs = Observation {
+                    rec,
+                    status: status.as_u16(),
+                    evidence,
+                    upload,
+                };
+                let mut resp = Response::new(Hooked::new(Either::Right(body), obs));
                 *resp.status_mut() = status;
                 resp.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -379,9 +433,18 @@ impl Forwarder {
     /// Count a failed attempt that another version answered: the error
     /// counts against the version that failed, in its evidence and metrics,
     /// but the request is counted once, under the version that answered.
-    fn record_failed_attempt(&self, v: &VersionRuntime, kind: UpstreamErrorKind) {
-        v.metrics.upstream_error(kind);
-        self.recorder.judge(v, true);
+    /// Only upstream failures are retried, so this one is the upstream's.
+    fn record_failed_attempt(&self, rec: &Recording, failure: &Failure) {
+        let v = &rec.snap.versions[rec.index];
+        if let Some(kind) = failure.upstream_kind() {
+            v.metrics.upstream_error(kind);
+        }
+        let outcome = Outcome {
+            error: Some(true),
+            waited: Some(rec.start.elapsed()),
+            unanswered: false,
+        };
+        self.recorder.judge(&rec.snap, v, outcome);
     }
 }
 

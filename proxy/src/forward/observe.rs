@@ -1,17 +1,26 @@
 //! The `observe` stage: every request is recorded exactly once, when its
-//! answer is over: counted by version and status, its duration observed, and
-//! its outcome given to the version's judgment. A verdict goes to the
-//! control plane through [`Verdicts`], the request path's only edge back up.
+//! answer is over or when the client gives up on it: counted by version and
+//! status, its duration observed, and what it says about the version given
+//! to the version's judgment. A verdict goes to the control plane through
+//! [`Verdicts`], the request path's only edge back up.
+//!
+//! Only the upstream's faults are evidence. A failure the client caused (a
+//! malformed or abandoned body, a body too slow to arrive, a request given
+//! up before the answer) is counted in `canary_proxy_client_errors_total`
+//! and says nothing about errors; see [`Outcome`] for what it says about
+//! latency.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 
+use super::upload::UploadState;
+use super::UpstreamBody;
 use crate::body::{BodyHook, End, Hooked};
-use crate::guard::Verdicts;
-use crate::metrics::UpstreamErrorKind;
+use crate::guard::{Outcome, Verdicts};
+use crate::metrics::{ClientErrorKind, Metrics, UpstreamErrorKind};
 use crate::snapshot::{Snapshot, Store, VersionRuntime};
 use crate::upstream::PooledBody;
 
@@ -19,22 +28,25 @@ use crate::upstream::PooledBody;
 /// short answer. It records its request once, at its end, on an upstream
 /// error mid-body, or when the client goes away (dropped unfinished, which
 /// is not the upstream's fault and counts as no error).
-pub(crate) type ObservedBody = Hooked<Either<PooledBody, Full<Bytes>>, Observation>;
+pub(crate) type ObservedBody = Hooked<Either<PooledBody<UpstreamBody>, Full<Bytes>>, Observation>;
 
-/// Where recordings go: the clock the evidence counts in, and the verdicts.
-/// One per event loop; each observation holds it by one `Arc`.
-pub(super) struct Recorder {
-    pub(super) store: Arc<Store>,
-    pub(super) verdicts: Arc<dyn Verdicts>,
+/// Where recordings go: the clock the evidence counts in, the verdicts, and
+/// the counters of client faults. One per event loop; each request holds it
+/// by one `Arc`.
+pub(crate) struct Recorder {
+    pub(crate) store: Arc<Store>,
+    pub(crate) verdicts: Arc<dyn Verdicts>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 impl Recorder {
-    /// Record one outcome in the version's judgment and, if it trips, hand
-    /// the verdict to the control plane.
-    pub(super) fn judge(&self, v: &VersionRuntime, error: bool) {
-        // A latched version's evidence no longer matters; requests still in
-        // flight on an older snapshot are ignored by the control plane.
-        if let Some(trip) = v.judgment.record(self.store.now(), error) {
+    /// Give `outcome` to the judgment of version `index` and, if it trips,
+    /// hand the verdict to the control plane.
+    pub(crate) fn judge(&self, snap: &Snapshot, v: &VersionRuntime, outcome: Outcome) {
+        let target = snap.target().map(|t| &*t.judgment);
+        if let Some(trip) = v.judgment.record(self.store.now(), outcome, target) {
+            // A latched version's evidence no longer matters; requests still
+            // in flight on an older snapshot are ignored by the control plane.
             if v.rollback.is_none() {
                 self.verdicts.trip(&v.name, &v.judgment, trip);
             }
@@ -42,37 +54,131 @@ impl Recorder {
     }
 }
 
-/// What is recorded once the response is over.
-pub(crate) struct Observation {
-    pub(super) snap: Arc<Snapshot>,
-    pub(super) recorder: Arc<Recorder>,
-    pub(super) index: usize,
-    pub(super) status: u16,
-    pub(super) start: Instant,
-    /// The answer counts as an error for rollback (status in the error set,
-    /// or the proxy's own 502/504).
-    pub(super) error: bool,
+/// What every recording needs: which request, on which snapshot.
+pub(crate) struct Recording {
+    pub(crate) snap: Arc<Snapshot>,
+    pub(crate) recorder: Arc<Recorder>,
+    /// The version answering (the target, after a retry).
+    pub(crate) index: usize,
+    pub(crate) start: Instant,
 }
 
-impl Observation {
-    fn finish(self, reset: bool) {
-        let v = &self.snap.versions[self.index];
+impl Recording {
+    fn version(&self) -> &VersionRuntime {
+        &self.snap.versions[self.index]
+    }
+
+    /// Count the request once, and give its outcome to the judgment.
+    fn record(&self, status: u16, outcome: Outcome) {
+        let v = self.version();
         v.metrics.in_flight.dec();
-        v.metrics.answered(self.status, self.start.elapsed());
-        if reset {
-            v.metrics.upstream_error(UpstreamErrorKind::Reset);
-        }
-        self.recorder.judge(v, self.error || reset);
+        v.metrics.answered(status, self.start.elapsed());
+        self.recorder.judge(&self.snap, v, outcome);
     }
 }
 
-impl BodyHook for Observation {
-    fn end(self, how: End<'_>) {
+/// A request between its version being picked and its answer. If the
+/// client gives up in between (its future is dropped), the request is still
+/// recorded once: as a client cancel, status 499.
+pub(crate) struct Pending(Option<Recording>);
+
+impl Pending {
+    pub(crate) fn new(recording: Recording) -> Self {
+        Pending(Some(recording))
+    }
+
+    pub(crate) fn recording(&self) -> &Recording {
+        self.0.as_ref().expect("a pending request is recorded once")
+    }
+
+    /// The request moves to version `index` (the retry on the target).
+    pub(crate) fn switch_to(&mut self, index: usize) {
+        let rec = self.0.as_mut().expect("a pending request is recorded once");
+        rec.version().metrics.in_flight.dec();
+        rec.index = index;
+        rec.version().metrics.in_flight.inc();
+    }
+
+    /// The answer is here: its body records it from now on.
+    pub(crate) fn answered(mut self) -> Recording {
+        self.0.take().expect("a pending request is recorded once")
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(rec) = self.0.take() {
+            rec.recorder
+                .metrics
+                .client_error(ClientErrorKind::Cancelled);
+            // No answer came; the wait so far is evidence of slowness only
+            // if it is already past `slower_than`.
+            let outcome = Outcome {
+                error: None,
+                waited: Some(rec.start.elapsed()),
+                unanswered: true,
+            };
+            rec.record(ClientErrorKind::Cancelled.status().as_u16(), outcome);
+        }
+    }
+}
+
+/// What is recorded once the response is over.
+pub(crate) struct Observation {
+    pub(crate) rec: Recording,
+    pub(crate) status: u16,
+    /// What the answer says about the version; `None` for an answer the
+    /// proxy made because of the client.
+    pub(crate) evidence: Option<Evidence>,
+    /// How the client's request body ended: an upstream that streams its
+    /// answer while the request body still arrives (an echo) fails mid-body
+    /// when the client breaks its body off, and that is the client's doing.
+    pub(crate) upload: UploadState,
+}
+
+/// An answer's evidence, as far as its head: the body may still fail.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Evidence {
+    pub(crate) error: bool,
+    /// Time to the response head (or to the proxy's own 502/504).
+    pub(crate) waited: Duration,
+}
+
+impl Observation {
+    fn finish(self, failed_mid_body: bool) {
+        let client_fault = failed_mid_body.then(|| self.upload.fault(false)).flatten();
+        let outcome = match (self.evidence, client_fault) {
+            (_, Some(kind)) => {
+                self.rec.recorder.metrics.client_error(kind);
+                Outcome::default()
+            }
+            (Some(e), None) => {
+                if failed_mid_body {
+                    self.rec
+                        .version()
+                        .metrics
+                        .upstream_error(UpstreamErrorKind::Reset);
+                }
+                Outcome {
+                    error: Some(e.error || failed_mid_body),
+                    waited: Some(e.waited),
+                    unanswered: false,
+                }
+            }
+            (None, None) => Outcome::default(),
+        };
+        self.rec.record(self.status, outcome);
+    }
+}
+
+impl BodyHook<Box<dyn std::error::Error + Send + Sync>> for Observation {
+    fn end(self, how: End<'_, Box<dyn std::error::Error + Send + Sync>>) {
         match how {
             End::Complete | End::Dropped { .. } => self.finish(false),
             End::Failed(e) => {
-                let v = &self.snap.versions[self.index];
-                tracing::warn!(version = %v.name, error = %e, "upstream response body failed mid-stream");
+                if self.upload.fault(false).is_none() {
+                    tracing::warn!(version = %self.rec.version().name, error = %e, "upstream response body failed mid-stream");
+                }
                 self.finish(true);
             }
         }

@@ -26,7 +26,9 @@ impl Retry {
             // reset pooled connection). HTTP lets a client repeat an
             // idempotent request (RFC 9110 9.2.2), and this one had no body.
             Failure::Reset(_) => is_idempotent(&self.method),
-            Failure::Timeout(_) => false,
+            // A timeout may have reached the version; the client's own
+            // failures are not retried (the client is gone, or its body is).
+            Failure::Timeout(_) | Failure::Client(..) => false,
         }
     }
 }
