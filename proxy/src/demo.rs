@@ -244,10 +244,34 @@ async fn live_view(proxy: &Proxy) {
                     r.counts.ratio(),
                     r.threshold
                 ),
-                None if v.judgment.is_judged() => {
-                    format!("window {}/{} errors", w.errors, w.requests)
+                None => {
+                    // How close each criterion's evidence is to the trip point.
+                    let evidence: Vec<String> = v
+                        .judgment
+                        .criteria()
+                        .filter_map(|c| {
+                            let e = v.judgment.evidence(c)?;
+                            Some(format!("{} {:.0}%", c.as_str(), 100.0 * e))
+                        })
+                        .collect();
+                    let role = if v.judgment.is_judged() {
+                        "evidence"
+                    } else if snap.policy().is_some() {
+                        "rollback target, evidence"
+                    } else {
+                        "rollback off"
+                    };
+                    format!(
+                        "window {}/{} errors  {role} {}",
+                        w.errors,
+                        w.requests,
+                        if evidence.is_empty() {
+                            "-".to_string()
+                        } else {
+                            evidence.join(", ")
+                        }
+                    )
                 }
-                None => "rollback target".to_string(),
             };
             println!("[{:>4}s] {:<10} {:>4}/s  share {:>5.1}% (weight {:>5.1}%)  requests {:>7}  errors {:>5}  {}", started.elapsed().as_secs(), v.name, deltas[i], share, configured * 100.0, total, errors, state);
             last.insert(v.name.to_string(), total);
