@@ -208,12 +208,9 @@ impl Judgment {
                 .cusum(criterion)
                 .expect("a criterion that crossed is judged");
             let judged = cusum.samples();
-            if judged < rule.min_requests {
-                // Not yet: the statistic stays at the trip point and the
-                // next answer asks again.
-                continue;
-            }
             let mine = self.window.totals(now).of(criterion);
+            // The hold first, so that a shared outage is reported as held
+            // even while the version is still under its floor.
             if rule.compare_target {
                 if let Some(theirs) = target.and_then(|t| t.evidence_against(criterion, now)) {
                     if !clearly_worse(mine, theirs) {
@@ -221,6 +218,11 @@ impl Judgment {
                         continue;
                     }
                 }
+            }
+            if judged < rule.min_requests {
+                // Not yet: the statistic stays at the trip point and the
+                // next answer asks again.
+                continue;
             }
             return Some(Trip {
                 criterion,

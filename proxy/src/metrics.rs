@@ -284,10 +284,20 @@ impl Metrics {
     /// The judgment of a version, refreshed before a scrape: the evidence
     /// per criterion judged, and whether a decision is held.
     pub(crate) fn set_judgment(&self, name: &str, evidence: &[(Criterion, f64)], held: bool) {
-        for (criterion, value) in evidence {
-            self.rollback_evidence
-                .with_label_values(&[name, criterion.as_str()])
-                .set(*value);
+        for criterion in Criterion::ALL {
+            match evidence.iter().find(|(c, _)| *c == criterion) {
+                Some((_, value)) => self
+                    .rollback_evidence
+                    .with_label_values(&[name, criterion.as_str()])
+                    .set(*value),
+                // No longer judged on it (rollback or the latency objective
+                // turned off): its series goes, rather than keep a stale value.
+                None => {
+                    let _ = self
+                        .rollback_evidence
+                        .remove_label_values(&[name, criterion.as_str()]);
+                }
+            }
         }
         self.rollback_held
             .with_label_values(&[name])

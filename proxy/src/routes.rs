@@ -522,7 +522,7 @@ fn validate_rollback(
                     "rollback.min_requests",
                     Some(v.span()),
                     format!(
-                        "{} is out of range; use an integer >= 1, like 50",
+                        "{} is out of range; use an integer >= 1, like 10 (the default)",
                         show(other)
                     ),
                 );
