@@ -685,7 +685,8 @@ def test_walkthrough_routes_patches_are_valid(patch, tmp_path):
     """docs/kubernetes.md shifts weights with `kubectl patch configmap
     canary-proxy-routes --type merge --patch-file k8s/examples/routes-*.yaml`.
     Apply each one offline (kubectl patch --local) to the shipped ConfigMap
-    and hold the result to the same checks as the shipped routes."""
+    and hold the result to the same checks as the shipped routes; its
+    [rollback] table must be the shipped one."""
     body = yaml.safe_load(patch.read_text())
     assert set(body) == {"data"} and set(body["data"]) == {ROUTES_KEY}, (
         f"{patch.name} must change only data.{ROUTES_KEY}"
@@ -708,3 +709,10 @@ def test_walkthrough_routes_patches_are_valid(patch, tmp_path):
     cm["data"] = patched["data"]
     check_upstreams(docs, routes)
     assert routes["rollback"]["target"] == ALERT_ROLLBACK_TARGET
+    # A patch replaces the whole file. It moves weights; if it also changed
+    # [rollback], the walkthrough would change the policy without saying so
+    # (and restart every version's evidence).
+    shipped = tomllib.loads(routes_text(list(render(K8S))))["rollback"]
+    assert routes["rollback"] == shipped, (
+        f"{patch.name}: [rollback] differs from k8s/base/routes.toml's: {routes['rollback']} != {shipped}"
+    )
