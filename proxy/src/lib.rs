@@ -5,13 +5,18 @@
 //! Data flows one way along each path; every module has one job.
 //!
 //! **Requests**, left to right:
-//! `server` (accept; HTTP/1.1 or h2c chosen by `server::preface`, HTTPS with
-//! ALPN through `tls`) -> `forward` (pick a version with `split` from the
-//! current `snapshot`; `forward::headers` rewrites, `forward::retry` retries
-//! once on the target, `forward::upgrade` tunnels WebSockets) -> `upstream`
-//! (the keep-alive pool of each event loop) -> `forward::observe` (one
-//! record per request, into `metrics` and the version's `guard::Judgment`).
-//! `body` is the body wrapper both `upstream` and `observe` use.
+//! `server` (accept under `server::limits`; HTTP/1.1 or h2c chosen by
+//! `server::preface`, HTTPS with ALPN through `tls`; the client's deadlines
+//! in `server::timeouts`) -> `forward` (`forward::target` refuses what must
+//! not be forwarded; pick a version with `split` from the current
+//! `snapshot`; `forward::headers` rewrites, `forward::upload` paces the
+//! request body and notes how it ended, `forward::retry` retries once on
+//! the target, `forward::upgrade` tunnels WebSockets, `forward::answer`
+//! makes the proxy's own answers, `forward::log_limit` keeps per-request
+//! logs bounded) -> `upstream` (the keep-alive pool of each event loop) ->
+//! `forward::observe` (one record per request, into `metrics` and the
+//! version's `guard::Judgment`). `body` is the body wrapper both `upstream`
+//! and `observe` use.
 //!
 //! **Config**, left to right:
 //! `watch` (the ConfigMap directory, and the TLS Secret's) -> `reload` ->

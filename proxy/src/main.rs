@@ -88,9 +88,24 @@ struct CommonArgs {
     /// Answer 504 when an upstream sends no response head within this long; `0s` waits forever.
     #[arg(long, env = "CANARY_PROXY_UPSTREAM_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     upstream_timeout: Duration,
-    /// Drop a client connection whose request head takes longer than this (slowloris guard); idle keep-alive connections also close after it.
-    #[arg(long, env = "CANARY_PROXY_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    /// A request body gets this long before --request-body-min-rate applies; one that falls behind is cut and answered 408.
+    #[arg(long, env = "CANARY_PROXY_REQUEST_BODY_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
+    request_body_timeout: Duration,
+    /// After --request-body-timeout, a request body must have arrived at this many bytes per second on average.
+    #[arg(long, env = "CANARY_PROXY_REQUEST_BODY_MIN_RATE", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    request_body_min_rate: u64,
+    /// Drop a client connection whose request head is not complete this long after its first byte (slowloris guard); the first request of a connection counts from the connection's start.
+    #[arg(long, env = "CANARY_PROXY_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     header_read_timeout: Duration,
+    /// Close a keep-alive connection idle this long between requests, or whose client takes no bytes of an answer for this long; keep it above your load balancer's idle timeout (60 s on most clouds).
+    #[arg(long, env = "CANARY_PROXY_IDLE_TIMEOUT", default_value = "75s", value_parser = parse_positive_duration)]
+    idle_timeout: Duration,
+    /// Client connections held at once; more are closed at once and counted. 0 derives it from the memory and descriptor limits (see docs/security.md).
+    #[arg(long, env = "CANARY_PROXY_MAX_CONNECTIONS", default_value_t = 0)]
+    max_connections: usize,
+    /// The largest request head accepted, in bytes (431 above it), from 8192 up.
+    #[arg(long, env = "CANARY_PROXY_MAX_REQUEST_HEAD", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(8192..=16_777_216))]
+    max_request_head: u32,
     /// Re-read the routes file this often even without file events.
     #[arg(long, env = "CANARY_PROXY_RELOAD_INTERVAL", default_value = "10s", value_parser = humantime::parse_duration)]
     reload_interval: Duration,
@@ -136,6 +151,14 @@ fn parse_optional_addr(s: &str) -> Result<OptionalAddr, String> {
         .map_err(|_| format!("expected an address like 0.0.0.0:8080, or `none`; got `{s}`"))
 }
 
+fn parse_positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err("must be more than 0s (e.g. 10s)".to_string()),
+        Err(e) => Err(format!("{e}; give a duration like 10s or 1m30s")),
+    }
+}
+
 #[cfg(feature = "demo")]
 fn parse_fraction(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
@@ -151,10 +174,15 @@ impl CommonArgs {
         config.forward = ForwardConfig {
             connect_timeout: self.connect_timeout,
             upstream_timeout: (!self.upstream_timeout.is_zero()).then_some(self.upstream_timeout),
+            request_body_grace: self.request_body_timeout,
+            request_body_min_rate: self.request_body_min_rate,
             ..ForwardConfig::default()
         };
         config.server = ServerConfig {
             header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            max_request_head: self.max_request_head as usize,
+            max_connections: (self.max_connections > 0).then_some(self.max_connections),
         };
         config.watch = WatchConfig {
             interval: self.reload_interval,
@@ -166,6 +194,7 @@ impl CommonArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();
+    raise_descriptor_limit();
     let result = match cli.command {
         Command::Check { path } => return check(&path),
         Command::Run(args) => run(args),
@@ -177,6 +206,19 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Raise the soft limit on open descriptors to the hard one, as NGINX's
+/// worker_rlimit_nofile and Go's runtime do: every client connection needs
+/// one, and its upstream connection another, and the soft default (often
+/// 1024) would cap the proxy far below what its memory allows.
+fn raise_descriptor_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => tracing::debug!(limit = n, "descriptor limit raised to the hard limit"),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the descriptor limit; the default --max-connections follows the current one")
         }
     }
 }

@@ -110,6 +110,9 @@ pub struct Metrics {
     /// `canary_proxy_client_errors_total` by kind, in the order of
     /// `ClientErrorKind::ALL`.
     client_errors: [IntCounter; 4],
+    pub(crate) connections: IntGauge,
+    pub(crate) connections_rejected: IntCounter,
+    pub(crate) max_connections: IntGauge,
     rollback_evidence: GaugeVec,
     rollback_held: IntGaugeVec,
     rollback_tripped: IntGaugeVec,
@@ -165,6 +168,9 @@ impl Metrics {
         let m = Metrics {
             client_errors: ClientErrorKind::ALL
                 .map(|k| client_errors.with_label_values(&[k.as_str()])),
+            connections: registered(r, IntGauge::with_opts(opts("canary_proxy_connections", "Client connections open now (traffic and HTTPS listeners)."))),
+            connections_rejected: registered(r, IntCounter::with_opts(opts("canary_proxy_connections_rejected_total", "Client connections closed at once because --max-connections were open."))),
+            max_connections: registered(r, IntGauge::with_opts(opts("canary_proxy_max_connections", "The --max-connections limit in force (set, or derived from the memory and descriptor limits)."))),
             rollback_evidence: registered(r, GaugeVec::new(opts("canary_proxy_rollback_evidence", "How close the evidence that a version breaks its objective is to the trip point, 0..1, by version and criterion (errors, latency)."), &["version", "criterion"])),
             rollback_held: registered(r, IntGaugeVec::new(opts("canary_proxy_rollback_held", "1 while a rollback decision of the version is held because the target is failing at least as much."), v)),
             rollback_tripped: registered(r, IntGaugeVec::new(opts("canary_proxy_rollback_tripped", "1 while a latched rollback of the version was tripped by this criterion (errors, latency)."), &["version", "criterion"])),

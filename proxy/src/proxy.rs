@@ -19,7 +19,7 @@ use crate::guard::Verdicts;
 use crate::metrics::Metrics;
 use crate::reload;
 use crate::routes::{self, RoutesError};
-use crate::server::{self, Acceptor, Connections, Plain, ServerConfig};
+use crate::server::{self, Acceptor, ConnectionLimit, Connections, Plain, ServerConfig};
 use crate::tls::{Tls, TlsConfig, TlsError};
 use crate::watch::WatchConfig;
 
@@ -155,9 +155,11 @@ impl Proxy {
             stop_rest.clone(),
         );
 
+        let limit = connection_limit(&config.server, control.metrics());
         let start = Servers {
             event_loops: &event_loops,
             config: &config.server,
+            limit: &limit,
             stop: &stop_accepting,
         };
         let mut servers = Vec::new();
@@ -259,6 +261,8 @@ impl Proxy {
 struct Servers<'a> {
     event_loops: &'a Arc<EventLoops>,
     config: &'a ServerConfig,
+    /// Shared: the limit counts the connections of every listener.
+    limit: &'a Arc<ConnectionLimit>,
     stop: &'a CancellationToken,
 }
 
@@ -269,9 +273,35 @@ impl Servers<'_> {
             Arc::new(acceptor),
             self.event_loops.clone(),
             self.config.clone(),
+            self.limit.clone(),
             self.stop.clone(),
         ))
     }
+}
+
+/// `--max-connections`, as given or derived, logged with its reason.
+fn connection_limit(config: &ServerConfig, metrics: &Metrics) -> Arc<ConnectionLimit> {
+    let fds = rlimit::getrlimit(rlimit::Resource::NOFILE)
+        .ok()
+        .map(|(soft, _)| soft);
+    let (max, why) = match config.max_connections {
+        Some(n) => (n, "--max-connections".to_string()),
+        None => {
+            let d = server::default_max_connections(
+                config.max_request_head,
+                server::cgroup_memory_limit(),
+                fds,
+            );
+            (d.max, d.why)
+        }
+    };
+    tracing::info!(max_connections = max, from = %why, descriptors = ?fds, "client connection limit");
+    metrics.max_connections.set(max as i64);
+    ConnectionLimit::new(
+        max,
+        metrics.connections.clone(),
+        metrics.connections_rejected.clone(),
+    )
 }
 
 fn local_addr(listener: &TcpListener) -> SocketAddr {

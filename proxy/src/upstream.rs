@@ -38,15 +38,26 @@ use crate::body::{BodyHook, End, Hooked};
 pub(crate) trait SendBody:
     Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>> + Send + Unpin + 'static
 {
+    /// A body with nothing in it, for sending a bodiless request again.
+    fn empty() -> Self;
 }
 
-impl<T> SendBody for T where
-    T: Body<Data = Bytes, Error: Into<Box<dyn std::error::Error + Send + Sync>>>
-        + Send
-        + Unpin
-        + 'static
-{
+impl SendBody for http_body_util::Empty<Bytes> {
+    fn empty() -> Self {
+        http_body_util::Empty::new()
+    }
 }
+
+/// A pooled connection that has idled longer than this may meet the
+/// upstream's own keep-alive close in flight: the upstream closes it just as
+/// a request goes out on it. Many servers close idle connections after a
+/// few seconds (Node.js after 5, gunicorn after 2), far sooner than this
+/// pool's idle timeout, so that race is common at low traffic. A request
+/// that can be sent again (idempotent, no body) is, once, on a new
+/// connection, as browsers and Go's HTTP client do; it is not an error of
+/// the version. Under load connections are reused within milliseconds and
+/// nothing is kept for a replay.
+const STALE_AFTER: Duration = Duration::from_secs(1);
 
 type Driver<B> = http1::Connection<TokioIo<TcpStream>, B>;
 
@@ -73,9 +84,11 @@ pub(crate) enum SendError {
 pub(crate) enum ConnectError {
     #[error("connect timed out after {}", humantime::format_duration(*.0))]
     Timeout(Duration),
-    #[error("{0}")]
+    // Transparent: the io error is the whole message, and must not appear a
+    // second time as this error's source in the logged chain.
+    #[error(transparent)]
     Io(#[from] std::io::Error),
-    #[error("HTTP/1.1 handshake failed: {0}")]
+    #[error("HTTP/1.1 handshake failed")]
     Handshake(#[source] hyper::Error),
 }
 
@@ -145,7 +158,9 @@ impl<B: SendBody> Upstreams<B> {
 
     /// Send `req` to `authority` over a pooled connection, or a new one when
     /// none is idle. `opened` counts new connections. An `upgrade` request
-    /// gets a connection of its own (`send_upgrade`).
+    /// gets a connection of its own (`send_upgrade`). `replayable`: the
+    /// request may be sent again if a long-idle pooled connection turns out
+    /// to have been closed by the upstream (see [`STALE_AFTER`]).
     ///
     /// The response's body keeps the connection and drives it while the
     /// client reads; at its end the connection goes back to the pool.
@@ -155,21 +170,30 @@ impl<B: SendBody> Upstreams<B> {
         req: Request<B>,
         opened: &prometheus::IntCounter,
         upgrade: bool,
+        replayable: bool,
     ) -> Result<Response<PooledBody<B>>, SendError> {
         if upgrade {
             // Boxed for the same reason as a new connection, below.
             return Box::pin(self.send_upgrade(authority, req, opened)).await;
         }
         let req = match self.checkout(authority) {
-            Some(conn) => match self.exchange(conn, authority, req).await {
-                Ok(resp) => return Ok(resp),
-                Err(mut e) => match e.take_message() {
-                    // The connection closed in the instant between checkout
-                    // and sending; nothing was sent, so a new one may take it.
-                    Some(unsent) => unsent,
-                    None => return Err(SendError::Exchange(e.into_error())),
-                },
-            },
+            Some((conn, idled)) => {
+                let again = (replayable && idled > STALE_AFTER).then(|| copy_head(&req));
+                match self.exchange(conn, authority, req).await {
+                    Ok(resp) => return Ok(resp),
+                    Err(mut e) => match (e.take_message(), again) {
+                        // The connection closed in the instant between
+                        // checkout and sending; nothing was sent, so a new one
+                        // may take it.
+                        (Some(unsent), _) => unsent,
+                        (None, Some(again)) => {
+                            tracing::debug!(%authority, idled = ?idled, error = %e.error(), "a long-idle pooled connection failed before an answer; sending the request again on a new one");
+                            again
+                        }
+                        (None, None) => return Err(SendError::Exchange(e.into_error())),
+                    },
+                }
+            }
             None => req,
         };
         // Boxed: connecting is rare with a warm pool, and its future (name
@@ -236,14 +260,16 @@ impl<B: SendBody> Upstreams<B> {
         Ok(resp.map(Hooked::plain))
     }
 
-    /// The most recently used idle connection that can take a request now.
-    fn checkout(&self, authority: &Authority) -> Option<Conn<B>> {
+    /// The most recently used idle connection that can take a request now,
+    /// and how long it idled.
+    fn checkout(&self, authority: &Authority) -> Option<(Conn<B>, Duration)> {
         loop {
             let idle = {
                 let mut pool = self.idle.lock().expect("upstream pool lock");
                 pool.get_mut(authority)?.pop()?
             };
-            if idle.since.elapsed() > self.config.idle_timeout {
+            let idled = idle.since.elapsed();
+            if idled > self.config.idle_timeout {
                 // The rest of the list is older still.
                 if let Some(list) = self
                     .idle
@@ -260,7 +286,7 @@ impl<B: SendBody> Upstreams<B> {
             // next would wake it for nothing. The exchange polls it with the
             // real waker right after.
             if conn.reusable(&mut quiet()) {
-                return Some(conn);
+                return Some((conn, idled));
             }
         }
     }
@@ -340,6 +366,16 @@ impl<B: SendBody> Upstreams<B> {
             }
         });
     }
+}
+
+/// The same request again, with an empty body: only for bodiless requests.
+fn copy_head<B: SendBody>(req: &Request<B>) -> Request<B> {
+    let mut again = Request::new(B::empty());
+    *again.method_mut() = req.method().clone();
+    *again.uri_mut() = req.uri().clone();
+    *again.version_mut() = req.version();
+    *again.headers_mut() = req.headers().clone();
+    again
 }
 
 /// A context whose waker does nothing, for polls whose outcome is read
@@ -453,7 +489,7 @@ mod tests {
         path: &str,
         opened: &prometheus::IntCounter,
     ) -> Response<PooledBody<TestBody>> {
-        pool.send(authority, get(authority, path), opened, false)
+        pool.send(authority, get(authority, path), opened, false, true)
             .await
             .expect("the upstream answers")
     }
@@ -504,6 +540,68 @@ mod tests {
         resp.into_body().collect().await.unwrap();
         assert_eq!(opened.get(), 2);
         assert!(pool.checkout(&authority).is_some());
+    }
+
+    /// An upstream that answers the first request on each connection and
+    /// closes the connection when a second one arrives on it: the race with
+    /// an upstream's keep-alive close, made certain.
+    async fn closes_after_one() -> Authority {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut served = 0;
+                    let mut buf = Vec::new();
+                    let mut chunk = [0u8; 1024];
+                    while let Ok(n) = s.read(&mut chunk).await {
+                        if n == 0 {
+                            return;
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        if !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            continue;
+                        }
+                        buf.clear();
+                        if served == 1 {
+                            return; // closed with the request unanswered
+                        }
+                        served += 1;
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\npong")
+                            .await;
+                    }
+                });
+            }
+        });
+        addr.to_string().parse().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_long_idle_connection_closed_under_a_replayable_request_is_replayed() {
+        let authority = closes_after_one().await;
+        let pool = pool(Duration::from_secs(90));
+        let opened = prometheus::IntCounter::new("opened", "x").unwrap();
+        let resp = send(&pool, &authority, "/", &opened).await;
+        resp.into_body().collect().await.unwrap();
+        assert_eq!(pool.idle_count(), 1);
+        tokio::time::sleep(STALE_AFTER + Duration::from_millis(100)).await;
+        // The pooled connection takes the request and is closed under it;
+        // the request goes again on a new connection, once.
+        let resp = send(&pool, &authority, "/", &opened).await;
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"pong");
+        assert_eq!(opened.get(), 2);
+        // Not a request that may not be sent twice.
+        tokio::time::sleep(STALE_AFTER + Duration::from_millis(100)).await;
+        let once = pool
+            .send(&authority, get(&authority, "/"), &opened, false, false)
+            .await;
+        assert!(
+            matches!(once, Err(SendError::Exchange(_))),
+            "no replay: the error"
+        );
     }
 
     #[tokio::test]

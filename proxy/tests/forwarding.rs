@@ -355,11 +355,14 @@ async fn hop_by_hop_headers_are_stripped_and_forwarding_headers_set() {
     );
     assert!(body.contains("#version HTTP/1.1\n"), "{body}");
 
-    // End-to-end headers pass, Host is kept as the client sent it, and the
-    // X-Forwarded-* headers describe the client's hop.
+    // End-to-end headers pass, and the X-Forwarded-* headers describe the
+    // client's hop. The request is in absolute-form (`POST http://<proxy>/
+    // submit`), so its target names the host and its Host header is ignored
+    // (RFC 9112 3.2.2; security review, issue 15): Host and X-Forwarded-Host
+    // are the target's authority, not `shop.example.com`.
     assert_eq!(values(&s, "x-end-to-end"), ["kept"]);
-    assert_eq!(values(&s, "host"), ["shop.example.com"]);
-    assert_eq!(values(&s, "x-forwarded-host"), ["shop.example.com"]);
+    assert_eq!(values(&s, "host"), [proxy.addr.to_string()]);
+    assert_eq!(values(&s, "x-forwarded-host"), [proxy.addr.to_string()]);
     assert_eq!(values(&s, "x-forwarded-proto"), ["http"]);
     assert_eq!(
         values(&s, "x-forwarded-for"),
@@ -409,10 +412,12 @@ async fn rewrite_host_sends_the_upstream_authority_as_host() {
         [up.addr.to_string()],
         "Host is the upstream's authority"
     );
+    // The request is in absolute-form: its target's authority is the host
+    // the client asked for (RFC 9112 3.2.2), not its Host header.
     assert_eq!(
         values(&s, "x-forwarded-host"),
-        ["shop.example.com"],
-        "the client's Host survives in X-Forwarded-Host"
+        [proxy.addr.to_string()],
+        "the host the client asked for survives in X-Forwarded-Host"
     );
     proxy.shutdown().await;
 }
@@ -532,27 +537,70 @@ async fn h2c_client_reaches_http1_upstreams() {
 
 // ------------------------------------------------------------------- errors
 
+/// The id at the end of one of the proxy's own answers (`...; request id
+/// 8f3a...`), checked against the `x-canary-proxy-request-id` header.
+fn request_id_of(a: &Answer) -> String {
+    let id = a
+        .body
+        .trim_end()
+        .rsplit_once("; request id ")
+        .map(|(_, id)| id.to_owned())
+        .unwrap_or_else(|| panic!("no request id in {:?}", a.body));
+    assert_eq!(
+        a.headers
+            .get("x-canary-proxy-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some(id.as_str()),
+        "the header has the body's id"
+    );
+    id
+}
+
+/// The stderr line of `proxy` that carries request id `id`.
+async fn log_line_of(proxy: &ProxyProcess, id: &str) -> String {
+    eventually(HANG, "the failure's log line", || async {
+        proxy
+            .child
+            .stderr_lines()
+            .into_iter()
+            .find(|l| l.contains(&format!("request_id={id}")))
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_upstream_is_502_naming_the_version() {
+async fn dead_upstream_is_502_with_an_id_and_the_version_in_the_log() {
     // A port that refuses connections: bind, note it, close it.
     let dead = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap();
-    let proxy = TestProxy::start(&routes(&[("stable", dead, 100)], None)).await;
-    let a = get(&client(), proxy.addr, "/ping").await.unwrap();
+    let cm = ConfigMapDir::new(&[(
+        "routes.toml",
+        routes(&[("stable", dead, 100)], None).as_bytes(),
+    )]);
+    let proxy = spawn_proxy_binary(&cm.path("routes.toml"), &[]);
+    let a = get(&client(), proxy.addr(), "/ping").await.unwrap();
     assert_eq!(a.status, StatusCode::BAD_GATEWAY);
     assert!(a.headers["content-type"]
         .to_str()
         .unwrap()
         .starts_with("text/plain"));
-    assert!(
-        a.body.contains("stable") && a.body.contains(&dead.to_string()),
-        "names the version and its upstream: {}",
-        a.body
+    // The client gets a short, stable text and an id, nothing internal
+    // (security review, issue 15); the version and the cause are logged.
+    let id = request_id_of(&a);
+    assert_eq!(
+        a.body,
+        format!("502 Bad Gateway: the upstream failed; request id {id}\n")
     );
-    assert!(a.body.len() < 1024, "a short body: {}", a.body);
-    let m = proxy.metrics().await;
+    let line = log_line_of(&proxy, &id).await;
+    assert!(
+        line.contains("version=stable")
+            && line.contains(&dead.to_string())
+            && line.contains("kind=\"connect\""),
+        "the log line names the version, its upstream and the cause: {line}"
+    );
+    let m = metrics(proxy.admin()).await;
     assert_eq!(
         sample(
             &m,
@@ -561,24 +609,29 @@ async fn dead_upstream_is_502_naming_the_version() {
         ),
         Some(1.0)
     );
-    proxy.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_upstream_is_504_after_the_upstream_timeout() {
     let slow = backend("v1", 0.0, Duration::from_secs(2)).await;
-    let proxy = TestProxy::start_with(&routes(&[("stable", slow.addr(), 100)], None), |c| {
-        c.forward.upstream_timeout = Some(Duration::from_millis(300))
-    })
-    .await;
-    let a = get(&client(), proxy.addr, "/ping").await.unwrap();
+    let cm = ConfigMapDir::new(&[(
+        "routes.toml",
+        routes(&[("stable", slow.addr(), 100)], None).as_bytes(),
+    )]);
+    let proxy = spawn_proxy_binary(&cm.path("routes.toml"), &["--upstream-timeout", "300ms"]);
+    let a = get(&client(), proxy.addr(), "/ping").await.unwrap();
     assert_eq!(a.status, StatusCode::GATEWAY_TIMEOUT);
-    assert!(
-        a.body.contains("stable") && a.body.contains("300ms"),
-        "names the version and the limit: {}",
-        a.body
+    let id = request_id_of(&a);
+    assert_eq!(
+        a.body,
+        format!("504 Gateway Timeout: the upstream did not answer in time; request id {id}\n")
     );
-    let m = proxy.metrics().await;
+    let line = log_line_of(&proxy, &id).await;
+    assert!(
+        line.contains("version=stable") && line.contains("300ms"),
+        "the log line names the version and the limit: {line}"
+    );
+    let m = metrics(proxy.admin()).await;
     assert_eq!(
         sample(
             &m,
@@ -587,7 +640,7 @@ async fn slow_upstream_is_504_after_the_upstream_timeout() {
         ),
         Some(1.0)
     );
-    proxy.shutdown().await;
+    drop(proxy);
     // `slow` still sleeps on the abandoned request; dropping the handle
     // starts its shutdown and the runtime ends it with the test.
     drop(slow);

@@ -2,20 +2,29 @@
 //! It lives on a listener of its own so that it is never exposed through the
 //! LoadBalancer with the traffic port. It only reads: typed views of the
 //! published snapshot (`status`) and the metrics registry.
+//!
+//! It shares the process's descriptors and memory with the traffic port, so
+//! it has limits of its own: HTTP/1.1 only (its clients are probes, a
+//! Prometheus scraper and people with curl or a browser), a request head
+//! within [`HEADER_TIMEOUT`], which also closes an idle keep-alive
+//! connection, at most [`MAX_CONNECTIONS`] connections, and at most
+//! [`MAX_LIFETIME`] per connection (a client that stops reading an answer
+//! cannot hold it).
 
 mod status;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +49,14 @@ impl Readiness {
     }
 }
 
+/// A request head must be complete this long after the connection opened,
+/// or after the previous answer (so it also closes idle keep-alives).
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Admin connections open at once; more are closed at once.
+pub(crate) const MAX_CONNECTIONS: usize = 64;
+/// No admin connection lives longer than this.
+pub(crate) const MAX_LIFETIME: Duration = Duration::from_secs(60);
+
 /// Serve the admin endpoints until `stop` is cancelled.
 pub(crate) async fn serve(
     listener: TcpListener,
@@ -47,23 +64,37 @@ pub(crate) async fn serve(
     readiness: Arc<Readiness>,
     stop: CancellationToken,
 ) {
-    let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
-    server::accept_until(&listener, &stop, "admin", |stream, _peer| {
-        let (control, readiness, builder, stop) = (
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_TIMEOUT)
+        .max_buf_size(16 << 10);
+    let builder = Arc::new(builder);
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    server::accept_until(&listener, &stop, "admin", |stream, peer| {
+        if open.fetch_add(1, Ordering::Relaxed) >= MAX_CONNECTIONS {
+            open.fetch_sub(1, Ordering::Relaxed);
+            tracing::debug!(%peer, "admin connection limit reached; closing");
+            return;
+        }
+        let (control, readiness, builder, stop, open) = (
             control.clone(),
             readiness.clone(),
             builder.clone(),
             stop.clone(),
+            open.clone(),
         );
         tokio::spawn(async move {
             let service = service_fn(move |req| {
                 let response = route(&req, &control, &readiness);
                 async move { Ok::<_, Infallible>(response) }
             });
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
             tokio::select! {
-                _ = builder.serve_connection(TokioIo::new(stream), service) => {}
+                _ = tokio::time::timeout(MAX_LIFETIME, conn) => {}
                 _ = stop.cancelled() => {}
             }
+            open.fetch_sub(1, Ordering::Relaxed);
         });
     })
     .await;

@@ -1,6 +1,31 @@
 //! Rewriting a request for its upstream and a response for its client: the
-//! hop-by-hop headers (RFC 9110 section 7.6.1), the `X-Forwarded-*` headers,
-//! the `Host`, and the request line.
+//! hop-by-hop headers (RFC 9110 section 7.6.1), the forwarding headers, the
+//! `Host`, the framing of a response, and the request line.
+//!
+//! # The forwarding headers
+//!
+//! One rule: a header that lists the hops is appended to, a header that
+//! states one fact about the client's request is replaced by what the proxy
+//! saw, and a header the proxy does not write is removed, so a client cannot
+//! pass a claim off as the proxy's.
+//! - `X-Forwarded-For`: appended to. The client's values stay first (every
+//!   line of it, joined; all of them are dropped if one is not printable
+//!   ASCII) and the address the proxy saw is last: the only entry to trust.
+//! - `X-Forwarded-Proto`: replaced, `http` or `https` as the client's
+//!   connection to the proxy was.
+//! - `X-Forwarded-Host`: replaced by the host the request is for (see
+//!   `target`), or removed when it names none.
+//! - `Forwarded` (RFC 7239) and `X-Real-IP`: removed. The proxy writes
+//!   neither. Appending to `Forwarded` as RFC 7239 section 4 allows would
+//!   keep the client's element first, and the frameworks that read
+//!   `Forwarded` take `host` and `proto` from the first element: a client
+//!   could choose them. `X-Real-IP` is single-valued, and the last
+//!   `X-Forwarded-For` entry already says the same thing.
+//!
+//! The proxy trusts no forwarding header from anyone: it assumes it is the
+//! first HTTP hop (behind a TCP load balancer), so with an HTTP proxy in
+//! front of it, that proxy's `X-Forwarded-Proto` and `X-Forwarded-Host`
+//! are replaced too.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Uri, Version};
@@ -22,6 +47,7 @@ const HOP_BY_HOP: [HeaderName; 6] = [
 pub(super) const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(super) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub(super) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
@@ -42,17 +68,9 @@ pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// The host the client asked for: the Host header (HTTP/1.1) or the
-/// `:authority` (h2, which hyper puts in the URI).
-pub(super) fn host_of(headers: &HeaderMap, uri: &Uri) -> Option<HeaderValue> {
-    headers.get(header::HOST).cloned().or_else(|| {
-        uri.authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    })
-}
-
 /// The client's headers as the upstream gets them: hop-by-hop ones gone
-/// (but an upgrade's), forwarding headers added.
+/// (but an upgrade's), forwarding headers set by the rule of the module
+/// doc. `host` is the host the request is for (`target::host_of`).
 pub(super) fn prepare_headers(
     headers: &mut HeaderMap,
     conn: &ConnInfo,
@@ -73,20 +91,66 @@ pub(super) fn prepare_headers(
     }
     // Append, so a chain of proxies keeps its history (the client's claim
     // stays first; the address we saw is last and the one to trust).
-    let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(prev) => HeaderValue::from_str(&format!("{prev}, {}", conn.peer.ip())).ok(),
-        None => Some(conn.peer_ip.clone()),
-    };
-    if let Some(v) = xff {
-        headers.insert(X_FORWARDED_FOR, v);
-    }
+    let xff = claimed_for(headers)
+        .and_then(|prev| HeaderValue::from_str(&format!("{prev}, {}", conn.peer.ip())).ok())
+        .unwrap_or_else(|| conn.peer_ip.clone());
+    headers.insert(X_FORWARDED_FOR, xff);
     headers.insert(
         X_FORWARDED_PROTO,
         HeaderValue::from_static(if conn.tls { "https" } else { "http" }),
     );
-    if let Some(host) = host {
-        headers.insert(X_FORWARDED_HOST, host.clone());
+    match host {
+        Some(host) => {
+            headers.insert(X_FORWARDED_HOST, host.clone());
+        }
+        None => {
+            headers.remove(X_FORWARDED_HOST);
+        }
     }
+    headers.remove(header::FORWARDED);
+    headers.remove(X_REAL_IP);
+}
+
+/// The client's `X-Forwarded-For` lines, joined as one list (RFC 9110
+/// 5.3: several lines of a list field mean their values joined by commas),
+/// or `None` if there is none, or one is not printable ASCII.
+fn claimed_for(headers: &HeaderMap) -> Option<String> {
+    let mut joined: Option<String> = None;
+    for value in headers.get_all(X_FORWARDED_FOR) {
+        let value = value.to_str().ok()?.trim();
+        if value.is_empty() {
+            continue;
+        }
+        match &mut joined {
+            Some(list) => {
+                list.push_str(", ");
+                list.push_str(value);
+            }
+            None => joined = Some(value.to_owned()),
+        }
+    }
+    joined
+}
+
+/// The upstream's response headers as the client gets them.
+///
+/// A response with both `Transfer-Encoding` and `Content-Length` is framed
+/// by the Transfer-Encoding (RFC 9112 section 6.3, rule 3), and hyper has
+/// read it so. Its `Content-Length` must go: passed on beside a body that is
+/// no longer chunked, it makes hyper cut the answer off (the client got 0
+/// bytes and a close, and the metrics a 200). Removing it and forwarding is
+/// what the same rule asks of an intermediary that forwards such a message.
+/// The proxy does that rather than answer 502: the body was read without
+/// ambiguity and the client gets it framed one way only, so no hop after the
+/// proxy can read it differently (the smuggling 6.3 warns about), and an
+/// upstream framework's header quirk is not turned into an outage and a
+/// rollback. This must run before the hop-by-hop stripping removes the
+/// `Transfer-Encoding` that tells.
+pub(super) fn prepare_response(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    strip_hop_by_hop(headers);
 }
 
 /// The request as it goes to `version`.
@@ -157,5 +221,61 @@ mod tests {
         assert_eq!(h[X_FORWARDED_FOR], "10.0.0.1, 127.0.0.7");
         assert_eq!(h[X_FORWARDED_PROTO], "http");
         assert_eq!(h[X_FORWARDED_HOST], "example.com");
+    }
+
+    #[test]
+    fn the_clients_claims_are_appended_to_replaced_or_removed() {
+        let mut h = HeaderMap::new();
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        h.append(X_FORWARDED_FOR, HeaderValue::from_static(" "));
+        h.append(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("10.0.0.2, 10.0.0.3"),
+        );
+        h.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
+        h.insert(X_FORWARDED_HOST, HeaderValue::from_static("evil.example"));
+        h.insert(
+            header::FORWARDED,
+            HeaderValue::from_static("for=1.2.3.4;host=evil.example"),
+        );
+        h.insert(X_REAL_IP, HeaderValue::from_static("1.2.3.4"));
+        let conn = ConnInfo::new("[2001:db8::7]:5000".parse().unwrap(), true);
+        prepare_headers(&mut h, &conn, None, false);
+        assert_eq!(
+            h[X_FORWARDED_FOR],
+            "10.0.0.1, 10.0.0.2, 10.0.0.3, 2001:db8::7"
+        );
+        assert_eq!(h.get_all(X_FORWARDED_FOR).iter().count(), 1);
+        assert_eq!(h[X_FORWARDED_PROTO], "https");
+        for gone in [X_FORWARDED_HOST, header::FORWARDED, X_REAL_IP] {
+            assert!(!h.contains_key(&gone), "{gone} is removed");
+        }
+        // A value that is not printable ASCII drops the client's claim.
+        let mut h = HeaderMap::new();
+        h.insert(
+            X_FORWARDED_FOR,
+            HeaderValue::from_bytes(b"10.0.0.1\xff").unwrap(),
+        );
+        prepare_headers(&mut h, &conn, None, false);
+        assert_eq!(h[X_FORWARDED_FOR], "2001:db8::7");
+    }
+
+    #[test]
+    fn transfer_encoding_overrides_content_length_in_a_response() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("100"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        prepare_response(&mut h);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+        // Without Transfer-Encoding, Content-Length is the framing: kept.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from_static("4"));
+        prepare_response(&mut h);
+        assert_eq!(h[header::CONTENT_LENGTH], "4");
     }
 }

@@ -1,26 +1,34 @@
 //! The request path, one stage per file:
 //!
-//! 1. this file: pick a version with `split` from the current snapshot, send
+//! 1. [`target`]: which host the request is for, or why the proxy refuses
+//!    to forward it (`400` for a bad `Host`, `501` for `CONNECT`);
+//! 2. this file: pick a version with `split` from the current snapshot, send
 //!    the request over a pooled connection (`upstream`), and turn the
 //!    outcome into the client's response;
-//! 2. [`headers`]: rewrite the request for the upstream and the response for
+//! 3. [`headers`]: rewrite the request for the upstream and the response for
 //!    the client;
-//! 3. [`retry`]: the one retry on the rollback target;
-//! 4. [`upgrade`]: WebSocket tunnels;
-//! 5. [`upload`]: note how the client's request body ended, so that a
+//! 4. [`retry`]: the one retry on the rollback target;
+//! 5. [`upgrade`]: WebSocket tunnels;
+//! 6. [`upload`]: note how the client's request body ended, so that a
 //!    failure the client caused is charged to the client;
-//! 6. [`observe`]: record every answer once, and pass verdicts on.
+//! 7. [`observe`]: record every answer once, and pass verdicts on;
+//! 8. [`answer`]: the proxy's own answers, short and with a request id;
+//!    [`log_limit`]: the rate limit on the per-request log lines.
 //!
 //! Status codes for failures are decided in one place, [`Failure`], by the
-//! failure's source. The upstream's: a connect failure or a reset before the
-//! response head is `502`, an upstream timeout is `504`. The client's: a
-//! malformed request body is `400`, a body too slow to arrive before the
-//! upstream deadline is `408`, a client that went away is `499` (logged and
-//! counted; nobody is left to read it).
+//! failure's source. The upstream's: a connect failure, a reset before the
+//! response head, or a `101` the client did not ask for is `502`, an
+//! upstream timeout is `504`. The client's: a malformed request body is
+//! `400`, a body too slow to arrive before the upstream deadline is `408`, a
+//! client that went away is `499` (logged and counted; nobody is left to
+//! read it).
 
+mod answer;
 mod headers;
+mod log_limit;
 mod observe;
 mod retry;
+mod target;
 mod upgrade;
 mod upload;
 
@@ -32,10 +40,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{self, HeaderValue};
+use http::header::HeaderValue;
 use http::{Request, Response, StatusCode};
 use http_body::Body as _;
-use http_body_util::{Either, Empty, Full};
+use http_body_util::{Either, Empty};
 use hyper::body::Incoming;
 use tokio_util::task::TaskTracker;
 
@@ -43,15 +51,24 @@ use crate::body::Hooked;
 use crate::guard::{Outcome, Verdicts};
 use crate::metrics::{ClientErrorKind, Metrics, UpstreamErrorKind};
 use crate::snapshot::{Store, VersionRuntime};
-use crate::upstream::{ConnectError, PooledBody, SendError, UpstreamConfig, Upstreams};
+use crate::upstream::{ConnectError, PooledBody, SendBody, SendError, UpstreamConfig, Upstreams};
 
+use answer::RequestId;
+use log_limit::LogKind;
 pub(crate) use observe::ObservedBody;
 use observe::{Evidence, Observation, Pending, Recorder, Recording};
 use retry::Retry;
+use target::Refusal;
 use upload::{ClientBody, UploadState};
 
 /// Body sent upstream: the client's, streamed, or nothing on a retry.
 pub(crate) type UpstreamBody = Either<ClientBody, Empty<Bytes>>;
+
+impl SendBody for UpstreamBody {
+    fn empty() -> Self {
+        Either::Right(Empty::new())
+    }
+}
 
 /// What [`Forwarder::handle`] returns: hyper's service future.
 pub(crate) type ResponseFuture =
@@ -65,6 +82,11 @@ pub struct ForwardConfig {
     /// Bodies stream without a deadline, so long downloads are not cut.
     pub upstream_timeout: Option<Duration>,
     pub pool_idle_timeout: Duration,
+    /// A request body must arrive at `request_body_min_rate` bytes per
+    /// second on average after this grace, or it is cut and answered 408
+    /// (see `forward::upload`).
+    pub request_body_grace: Duration,
+    pub request_body_min_rate: u64,
 }
 
 impl Default for ForwardConfig {
@@ -73,6 +95,17 @@ impl Default for ForwardConfig {
             connect_timeout: Duration::from_secs(2),
             upstream_timeout: Some(Duration::from_secs(60)),
             pool_idle_timeout: Duration::from_secs(90),
+            request_body_grace: Duration::from_secs(30),
+            request_body_min_rate: 4096,
+        }
+    }
+}
+
+impl ForwardConfig {
+    fn pace(&self) -> upload::Pace {
+        upload::Pace {
+            grace: self.request_body_grace,
+            min_rate: self.request_body_min_rate,
         }
     }
 }
@@ -120,6 +153,9 @@ struct Plan {
     upgrade: Option<hyper::upgrade::OnUpgrade>,
     original_host: Option<HeaderValue>,
     retry: Option<Retry>,
+    /// Idempotent and bodiless: may go out again on a new connection if a
+    /// long-idle pooled one was closed under it (see `upstream`).
+    replayable: bool,
 }
 
 /// An exchange that produced no upstream response, by whose fault.
@@ -127,6 +163,14 @@ struct Plan {
 enum Failure {
     Connect(ConnectError),
     Reset(hyper::Error),
+    /// The upstream answered `101 Switching Protocols` to a request that
+    /// asked for no upgrade. Nothing can be done with it: the connection
+    /// now speaks a protocol nobody agreed on, and an HTTP/2 client cannot
+    /// even be sent a 101 (RFC 9113 8.6). It is counted as a `reset` (the
+    /// kinds are connect, timeout and reset; a new kind would need a new
+    /// label value): like a reset, the request reached the version and the
+    /// exchange ended with no answer the client can be given.
+    UnaskedUpgrade,
     Timeout(Duration),
     /// The client's request body broke, stopped, or came too slowly.
     Client(ClientErrorKind, Option<hyper::Error>),
@@ -137,7 +181,7 @@ impl Failure {
     fn upstream_kind(&self) -> Option<UpstreamErrorKind> {
         match self {
             Failure::Connect(_) => Some(UpstreamErrorKind::Connect),
-            Failure::Reset(_) => Some(UpstreamErrorKind::Reset),
+            Failure::Reset(_) | Failure::UnaskedUpgrade => Some(UpstreamErrorKind::Reset),
             Failure::Timeout(_) => Some(UpstreamErrorKind::Timeout),
             Failure::Client(..) => None,
         }
@@ -145,12 +189,33 @@ impl Failure {
 
     fn status(&self) -> StatusCode {
         match self {
-            Failure::Connect(_) | Failure::Reset(_) => StatusCode::BAD_GATEWAY,
+            Failure::Connect(_) | Failure::Reset(_) | Failure::UnaskedUpgrade => {
+                StatusCode::BAD_GATEWAY
+            }
             Failure::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             Failure::Client(kind, _) => kind.status(),
         }
     }
 
+    /// What the client reads: stable, and nothing about the version or its
+    /// address (those are in [`Failure::describe`], for the log).
+    fn text(&self) -> &'static str {
+        match self {
+            Failure::Connect(_) | Failure::Reset(_) | Failure::UnaskedUpgrade => {
+                "the upstream failed"
+            }
+            Failure::Timeout(_) => "the upstream did not answer in time",
+            Failure::Client(ClientErrorKind::Malformed, _) => "the request body is malformed",
+            Failure::Client(ClientErrorKind::Timeout, _) => {
+                "the request body did not arrive in time"
+            }
+            Failure::Client(ClientErrorKind::Aborted | ClientErrorKind::Cancelled, _) => {
+                "the client went away"
+            }
+        }
+    }
+
+    /// The failure in full, for the log line.
     fn describe(&self, version: &VersionRuntime) -> String {
         let upstream = format!("{}://{}", version.scheme, version.authority);
         match self {
@@ -171,6 +236,10 @@ impl Failure {
                 "version {} at {upstream} closed the connection: {}",
                 version.name,
                 source_chain(e)
+            ),
+            Failure::UnaskedUpgrade => format!(
+                "version {} at {upstream} answered 101 Switching Protocols to a request that asked for no upgrade",
+                version.name
             ),
             Failure::Timeout(d) => format!(
                 "version {} at {upstream} sent no response within {}",
@@ -238,24 +307,35 @@ impl Forwarder {
         conn: &ConnInfo,
     ) -> Result<Plan, Response<ObservedBody>> {
         let start = Instant::now();
+        let original_host = match target::host_of(&req) {
+            Ok(host) => host,
+            Err(refusal) => return Err(self.refuse(refusal, conn)),
+        };
         let snap = self.recorder.store.load();
         let Some(index) = snap.split.pick_random() else {
             // validate() forbids all-zero weights, so this is unreachable in
             // practice; answer rather than panic if it ever is.
-            return Err(local_response(
+            let id = RequestId::new();
+            if log_limit::allow(None, LogKind::NoVersion) {
+                tracing::error!(request_id = %id, "no version has a weight above 0");
+            }
+            return Err(answer::response(
                 StatusCode::SERVICE_UNAVAILABLE,
-                "no version has a weight above 0\n".into(),
-            ));
+                "no version has a weight above 0",
+                id,
+            )
+            .map(|b| Hooked::plain(Either::Right(b))));
         };
         let upgrade = upgrade::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
-        let original_host = headers::host_of(&parts.headers, &parts.uri);
         headers::prepare_headers(
             &mut parts.headers,
             conn,
             original_host.as_ref(),
             upgrade.is_some(),
         );
+        let replayable =
+            retry::is_idempotent(&parts.method) && body.is_end_stream() && upgrade.is_none();
         // Keep what a retry on the target needs, only where one can happen:
         // a non-target version and a request with no body to replay.
         let retry = match snap.target() {
@@ -271,7 +351,7 @@ impl Forwarder {
         };
         let first = &snap.versions[index];
         first.metrics.in_flight.inc();
-        let (body, upload) = upload::watch(body);
+        let (body, upload) = upload::watch(body, self.config.pace());
         let request = headers::build_request(
             parts.method,
             &parts.uri,
@@ -293,6 +373,7 @@ impl Forwarder {
             upgrade,
             original_host,
             retry,
+            replayable,
         })
     }
 
@@ -313,8 +394,17 @@ impl Forwarder {
                 plan.request,
                 &attempt.metrics.upstream_connections,
                 plan.upgrade.is_some(),
+                plan.replayable,
             );
             let outcome = match tokio::time::timeout(limit, exchange).await {
+                // Dropping the response closes that upstream connection,
+                // which hyper has already given up on after a 101.
+                Ok(Ok(resp))
+                    if resp.status() == StatusCode::SWITCHING_PROTOCOLS
+                        && plan.upgrade.is_none() =>
+                {
+                    Err(Failure::UnaskedUpgrade)
+                }
                 Ok(Ok(resp)) => Ok(resp),
                 Ok(Err(SendError::Connect(e))) => Err(Failure::Connect(e)),
                 Ok(Err(SendError::Exchange(e))) => Err(match plan.upload.fault(false) {
@@ -336,7 +426,9 @@ impl Forwarder {
             // The target answers instead of the client seeing a 502. The
             // failure still counts against the failed version.
             let target_rt = &snap.versions[retry.target];
-            tracing::warn!(version = %first.name, target = %target_rt.name, error = %failure.describe(first), "upstream failed before answering; retrying once on the rollback target");
+            if log_limit::allow(Some(&first.name), LogKind::Retry) {
+                tracing::warn!(version = %first.name, target = %target_rt.name, error = %failure.describe(first), "upstream failed before answering; retrying once on the rollback target");
+            }
             self.record_failed_attempt(plan.pending.recording(), failure);
             first.metrics.retries.inc();
             plan.pending.switch_to(retry.target);
@@ -383,7 +475,7 @@ impl Forwarder {
                         );
                     }
                 } else {
-                    headers::strip_hop_by_hop(resp.headers_mut());
+                    headers::prepare_response(resp.headers_mut());
                 }
                 let obs = Observation {
                     rec,
@@ -394,17 +486,23 @@ impl Forwarder {
                 resp.map(|b| Hooked::new(Either::Left(b), obs))
             }
             Err(failure) => {
-                let message = failure.describe(version);
+                // The details go to the log under this id; the client gets
+                // the id and a short text (see `answer`).
+                let id = RequestId::new();
                 let status = failure.status();
                 let evidence = match &failure {
                     Failure::Client(kind, _) => {
-                        tracing::info!(version = %version.name, kind = kind.as_str(), status = status.as_u16(), error = %message, "request failed on the client's side; not counted against the version");
+                        if log_limit::allow(Some(&version.name), LogKind::Client(*kind)) {
+                            tracing::info!(version = %version.name, kind = kind.as_str(), status = status.as_u16(), request_id = %id, error = %failure.describe(version), "request failed on the client's side; not counted against the version");
+                        }
                         self.recorder.metrics.client_error(*kind);
                         None
                     }
                     upstream => {
                         let kind = upstream.upstream_kind().expect("not the client's");
-                        tracing::warn!(version = %version.name, kind = kind.as_str(), error = %message, "upstream request failed");
+                        if log_limit::allow(Some(&version.name), LogKind::Upstream(kind)) {
+                            tracing::warn!(version = %version.name, kind = kind.as_str(), status = status.as_u16(), request_id = %id, error = %failure.describe(version), "upstream request failed");
+                        }
                         version.metrics.upstream_error(kind);
                         Some(Evidence {
                             error: true,
@@ -412,20 +510,14 @@ impl Forwarder {
                         })
                     }
                 };
-                let body = Full::new(Bytes::from(format!("{status}: {message}\n")));
                 let obs = Observation {
                     rec,
                     status: status.as_u16(),
                     evidence,
                     upload,
                 };
-                let mut resp = Response::new(Hooked::new(Either::Right(body), obs));
-                *resp.status_mut() = status;
-                resp.headers_mut().insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("text/plain; charset=utf-8"),
-                );
-                resp
+                answer::response(status, failure.text(), id)
+                    .map(|b| Hooked::new(Either::Right(b), obs))
             }
         }
     }
@@ -448,10 +540,21 @@ impl Forwarder {
     }
 }
 
-fn local_response(status: StatusCode, body: String) -> Response<ObservedBody> {
-    let mut resp = Response::new(Hooked::plain(Either::Right(Full::new(Bytes::from(body)))));
-    *resp.status_mut() = status;
-    resp
+impl Forwarder {
+    /// The proxy's answer to a request it will not forward: counted as the
+    /// client's fault where a kind fits (see [`Refusal::client_error`]),
+    /// never against a version, and logged at info, rate-limited.
+    fn refuse(&self, refusal: Refusal, conn: &ConnInfo) -> Response<ObservedBody> {
+        let id = RequestId::new();
+        let status = refusal.status();
+        if let Some(kind) = refusal.client_error() {
+            self.recorder.metrics.client_error(kind);
+        }
+        if log_limit::allow(None, LogKind::Refused(refusal)) {
+            tracing::info!(peer = %conn.peer, kind = refusal.as_str(), status = status.as_u16(), request_id = %id, reason = refusal.text(), "request refused; not forwarded");
+        }
+        answer::response(status, refusal.text(), id).map(|b| Hooked::plain(Either::Right(b)))
+    }
 }
 
 fn source_chain(e: &dyn std::error::Error) -> String {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 
+use super::log_limit::{self, LogKind};
 use super::upload::UploadState;
 use super::UpstreamBody;
 use crate::body::{BodyHook, End, Hooked};
@@ -176,8 +177,11 @@ impl BodyHook<Box<dyn std::error::Error + Send + Sync>> for Observation {
         match how {
             End::Complete | End::Dropped { .. } => self.finish(false),
             End::Failed(e) => {
-                if self.upload.fault(false).is_none() {
-                    tracing::warn!(version = %self.rec.version().name, error = %e, "upstream response body failed mid-stream");
+                let name = &self.rec.version().name;
+                if self.upload.fault(false).is_none()
+                    && log_limit::allow(Some(name), LogKind::MidBody)
+                {
+                    tracing::warn!(version = %name, error = %e, "upstream response body failed mid-stream");
                 }
                 self.finish(true);
             }

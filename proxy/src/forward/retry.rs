@@ -23,9 +23,11 @@ impl Retry {
             // Nothing of the request reached the failed version.
             Failure::Connect(_) => true,
             // The connection died before a response head (a killed pod, a
-            // reset pooled connection). HTTP lets a client repeat an
-            // idempotent request (RFC 9110 9.2.2), and this one had no body.
-            Failure::Reset(_) => is_idempotent(&self.method),
+            // reset pooled connection), or the version answered with a 101
+            // nobody asked for: either way it may have acted on the request
+            // and gave no answer. HTTP lets a client repeat an idempotent
+            // request (RFC 9110 9.2.2), and this one had no body.
+            Failure::Reset(_) | Failure::UnaskedUpgrade => is_idempotent(&self.method),
             // A timeout may have reached the version; the client's own
             // failures are not retried (the client is gone, or its body is).
             Failure::Timeout(_) | Failure::Client(..) => false,
@@ -34,7 +36,7 @@ impl Retry {
 }
 
 /// Methods a client may repeat without changing the outcome (RFC 9110 9.2.2).
-fn is_idempotent(method: &Method) -> bool {
+pub(super) fn is_idempotent(method: &Method) -> bool {
     matches!(
         *method,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE

@@ -9,6 +9,8 @@ use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio_util::task::TaskTracker;
 
+use super::log_limit::{self, LogKind};
+
 /// Whether the client asks to switch protocols on this HTTP/1.1 request.
 pub(super) fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
@@ -42,7 +44,9 @@ pub(super) fn spawn_tunnel(
                 }
             }
             (c, u) => {
-                tracing::warn!(%version, client = ?c.err(), upstream = ?u.err(), "upgrade failed")
+                if log_limit::allow(Some(&version), LogKind::Upgrade) {
+                    tracing::warn!(%version, client = ?c.err(), upstream = ?u.err(), "upgrade failed")
+                }
             }
         }
     });

@@ -3,22 +3,129 @@
 //! hook on it notes how the client's side ended, and the request path reads
 //! that note when the exchange fails: a body the client broke, abandoned or
 //! sent too slowly is the client's fault, never the version's.
+//!
+//! "Too slowly" is a pace: a body must arrive at [`Pace::min_rate`] on
+//! average, after a grace of [`Pace::grace`] (Apache's mod_reqtimeout works
+//! the same way). A client trickling a megabyte at a kilobyte a second,
+//! or stalling mid-body, cannot hold a connection and an upstream request
+//! open for ever: its body ends with an error, and it gets a 408.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
 
 use crate::body::{BodyHook, End, Hooked};
 use crate::metrics::ClientErrorKind;
 
-/// The client's body, streamed upstream, with its fate noted.
-pub(crate) type ClientBody = Hooked<Incoming, Upload>;
+/// The client's body, streamed upstream at a bounded pace, with its fate
+/// noted.
+pub(crate) type ClientBody = Hooked<Paced, Upload>;
 
 const STREAMING: u8 = 0;
 const COMPLETE: u8 = 1;
 const MALFORMED: u8 = 2;
 const ABORTED: u8 = 3;
+const TOO_SLOW: u8 = 4;
+
+/// How fast a request body must arrive.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Pace {
+    /// Time allowed before the rate counts: a body's first bytes, a client's
+    /// pause to think.
+    pub(crate) grace: Duration,
+    /// Bytes per second, on average from the body's start, after the grace.
+    pub(crate) min_rate: u64,
+}
+
+/// A request body that fails when it falls behind its [`Pace`].
+pub(crate) struct Paced {
+    inner: Incoming,
+    pace: Pace,
+    start: Instant,
+    received: u64,
+    /// `None` for a body with nothing in it: no timer for a GET.
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+/// Why a paced body failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PacedError {
+    #[error(transparent)]
+    Body(#[from] hyper::Error),
+    #[error("the request body arrived slower than {min_rate} bytes/s after {}", humantime::format_duration(*.grace))]
+    TooSlow { min_rate: u64, grace: Duration },
+}
+
+impl Paced {
+    fn new(inner: Incoming, pace: Pace) -> Self {
+        let start = Instant::now();
+        let deadline = (!inner.is_end_stream())
+            .then(|| Box::pin(tokio::time::sleep_until(start + pace.grace)));
+        Paced {
+            inner,
+            pace,
+            start,
+            received: 0,
+            deadline,
+        }
+    }
+
+    /// The grace, plus a second for every `min_rate` bytes received.
+    fn next_deadline(&self) -> Instant {
+        let earned =
+            Duration::from_secs_f64(self.received as f64 / self.pace.min_rate.max(1) as f64);
+        self.start + self.pace.grace + earned
+    }
+}
+
+impl Body for Paced {
+    type Data = Bytes;
+    type Error = PacedError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, PacedError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.received += data.len() as u64;
+                    let next = this.next_deadline();
+                    if let Some(deadline) = &mut this.deadline {
+                        deadline.as_mut().reset(next);
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => match this.deadline.as_mut().map(|d| d.as_mut().poll(cx)) {
+                Some(Poll::Ready(())) => Poll::Ready(Some(Err(PacedError::TooSlow {
+                    min_rate: this.pace.min_rate,
+                    grace: this.pace.grace,
+                }))),
+                _ => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// The hook on the body; the request path keeps the other end.
 pub(crate) struct Upload(Arc<AtomicU8>);
@@ -27,15 +134,17 @@ pub(crate) struct Upload(Arc<AtomicU8>);
 #[derive(Debug, Clone)]
 pub(crate) struct UploadState(Option<Arc<AtomicU8>>);
 
-/// Wrap the client's body. A request without one needs no note, and no
-/// allocation: its body is over before it starts.
-pub(crate) fn watch(body: Incoming) -> (ClientBody, UploadState) {
-    if http_body::Body::is_end_stream(&body) {
-        return (Hooked::plain(body), UploadState(None));
+/// Wrap the client's body. A request without one needs no note, no timer
+/// and no allocation beyond the wrapper: its body is over before it starts.
+pub(crate) fn watch(body: Incoming, pace: Pace) -> (ClientBody, UploadState) {
+    let empty = body.is_end_stream();
+    let paced = Paced::new(body, pace);
+    if empty {
+        return (Hooked::plain(paced), UploadState(None));
     }
     let state = Arc::new(AtomicU8::new(STREAMING));
     (
-        Hooked::new(body, Upload(state.clone())),
+        Hooked::new(paced, Upload(state.clone())),
         UploadState(Some(state)),
     )
 }
@@ -49,17 +158,19 @@ impl UploadState {
         match state {
             MALFORMED => Some(ClientErrorKind::Malformed),
             ABORTED => Some(ClientErrorKind::Aborted),
+            TOO_SLOW => Some(ClientErrorKind::Timeout),
             STREAMING if timed_out => Some(ClientErrorKind::Timeout),
             _ => None,
         }
     }
 }
 
-impl BodyHook<hyper::Error> for Upload {
-    fn end(self, how: End<'_, hyper::Error>) {
+impl BodyHook<PacedError> for Upload {
+    fn end(self, how: End<'_, PacedError>) {
         let state = match how {
             End::Complete | End::Dropped { empty: true } => COMPLETE,
-            End::Failed(e) => classify(e),
+            End::Failed(PacedError::TooSlow { .. }) => TOO_SLOW,
+            End::Failed(PacedError::Body(e)) => classify(e),
             // The upstream side stopped reading (it answered early, or its
             // connection failed): nothing the client did.
             End::Dropped { empty: false } => return,
