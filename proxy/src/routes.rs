@@ -8,6 +8,19 @@
 //!
 //! Unknown keys are found on a spanned parse of the document before serde
 //! runs, so that they get a line number and a "did you mean" suggestion.
+//!
+//! # Limits
+//!
+//! The file comes from whoever can edit the ConfigMap, and a broken one (a
+//! generator gone wrong, the wrong file mounted) must not cost the proxy
+//! more than a bounded amount of memory and CPU. So, before anything whose
+//! cost grows faster than the input, [`parse`] checks [`MAX_FILE_BYTES`]
+//! (before even the UTF-8 check; [`read`] reads no more than one byte past
+//! it), then, right after the TOML syntax pass (linear, and nested at most
+//! 80 deep by the toml crate), [`MAX_VERSIONS`] and [`MAX_NAME_LEN`] for the
+//! version names and `rollback.target`. The "did you mean" edit distance
+//! costs the product of the two lengths, so [`suggest`] also bounds the
+//! words it compares and how many. docs/routes.md ("Limits") lists them.
 
 use std::fmt;
 use std::ops::Range;
@@ -35,6 +48,27 @@ const DEFAULT_WINDOW: Duration = Duration::from_secs(30);
 pub(crate) const DEFAULT_TRIP_ODDS: f64 = 1e5;
 const TRIP_ODDS_RANGE: (f64, f64) = (100.0, 1e12);
 const DEFAULT_SLOW_RATE: f64 = 0.05;
+
+/// The largest routes file accepted, in bytes: 1 MiB, the most a Kubernetes
+/// ConfigMap can hold (all its keys together), so no file the proxy is meant
+/// to read from one is refused. A real file needs about 60 bytes per version.
+pub(crate) const MAX_FILE_BYTES: usize = 1 << 20;
+/// The most versions one file may declare. A canary or blue-green release
+/// uses two or three; each version is a `version` label on every per-version
+/// metric, a judgment and an upstream pool, so a few thousand of them are a
+/// broken generator, not a release. 256 leaves two orders of magnitude of
+/// room and bounds the "did you mean" over version names.
+pub(crate) const MAX_VERSIONS: usize = 256;
+/// A version name is an RFC 1123 DNS label, at most 63 characters (all
+/// ASCII, so bytes). Checked on its length alone before anything else reads
+/// the name, so an absurd one is refused at once.
+pub(crate) const MAX_NAME_LEN: usize = 63;
+/// "Did you mean" compares no word longer than this, on either side: every
+/// key and version name fits, and the edit distance, which costs the product
+/// of the two lengths, stays at most 64 x 64 per candidate.
+const SUGGEST_MAX_LEN: usize = 64;
+/// ...and at most this many candidates: all the versions a file may have.
+const SUGGEST_MAX_CANDIDATES: usize = MAX_VERSIONS;
 
 /// A validated routes file. Built once per (re)load and never mutated.
 #[derive(Debug, Clone, PartialEq)]
@@ -211,11 +245,20 @@ fn format_problems(path: &Path, problems: &[Problem]) -> String {
 
 /// Read a routes file: the one place the proxy reads it from disk (start-up,
 /// `check`, and every hot reload).
+///
+/// At most one byte past [`MAX_FILE_BYTES`] is read: enough for [`parse`]
+/// to refuse the file as too large, without holding a huge file (or an
+/// endless one such as `/dev/zero`) in memory first.
 pub(crate) fn read(path: &Path) -> Result<Vec<u8>, RoutesError> {
-    std::fs::read(path).map_err(|source| RoutesError::Read {
-        path: path.to_owned(),
-        source,
-    })
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_FILE_BYTES as u64 + 1).read_to_end(&mut bytes))
+        .map_err(|source| RoutesError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+    Ok(bytes)
 }
 
 /// Read and validate a routes file from disk.
@@ -234,6 +277,15 @@ pub(crate) fn parse_at(path: &Path, bytes: &[u8]) -> Result<RouteTable, RoutesEr
 /// Validate routes file content. This is the one function behind `check`,
 /// start-up and every hot reload, so they can never disagree.
 pub(crate) fn parse(bytes: &[u8]) -> Result<RouteTable, Vec<Problem>> {
+    if bytes.len() > MAX_FILE_BYTES {
+        return Err(vec![Problem {
+            key: String::new(),
+            line: None,
+            message: format!(
+                "the file is larger than {MAX_FILE_BYTES} bytes (1 MiB, the most a Kubernetes ConfigMap holds); a routes file needs about 60 bytes per version, so check that this is the right file"
+            ),
+        }]);
+    }
     let text = std::str::from_utf8(bytes).map_err(|e| {
         vec![Problem {
             key: String::new(),
@@ -252,8 +304,15 @@ pub(crate) fn parse(bytes: &[u8]) -> Result<RouteTable, Vec<Problem>> {
     // Parsed once, with spans: the unknown-key check reads the spanned
     // document, then serde reads the same document into the raw structs.
     let doc = toml::de::DeTable::parse(text).map_err(|e| vec![toml_problem(text, &lines, &e)])?;
-    let unknown = unknown_keys(doc.get_ref(), &lines);
+    // The limits come before anything that costs more than the input's size.
+    let beyond = beyond_limits(doc.get_ref(), &lines);
+    if !beyond.is_empty() {
+        return Err(beyond);
+    }
+    let mut unknown = unknown_keys(doc.get_ref(), &lines);
+    unknown.extend(not_tables(doc.get_ref(), &lines));
     if !unknown.is_empty() {
+        unknown.sort_by_key(|p| p.line);
         return Err(unknown);
     }
     let raw = RawRoutes::deserialize(toml::de::Deserializer::from(doc))
@@ -700,12 +759,111 @@ fn parse_upstream(s: &str) -> Result<Upstream, String> {
     if authority.host().is_empty() {
         return Err(format!("\"{s}\" has no host; {form}"));
     }
+    check_port(s, &authority)?;
     if let Some(pq) = uri.path_and_query() {
         if pq.as_str() != "/" && !pq.as_str().is_empty() {
             return Err(format!("\"{s}\" has a path or query (`{pq}`); upstreams are base URLs, the client's path is kept as sent"));
         }
     }
     Ok(Upstream { scheme, authority })
+}
+
+/// [`MAX_VERSIONS`], and [`MAX_NAME_LEN`] for each version name and for
+/// `rollback.target` (which must be one of them): checked on the spanned
+/// document, in time linear in its size, before any "did you mean".
+fn beyond_limits(doc: &toml::de::DeTable<'_>, lines: &LineIndex) -> Vec<Problem> {
+    let mut out = Vec::new();
+    for (k, v) in doc {
+        match (k.get_ref().as_ref(), v.get_ref()) {
+            ("versions", toml::de::DeValue::Table(versions)) => {
+                if let Some((first_extra, _)) = versions.iter().nth(MAX_VERSIONS) {
+                    // One problem, at the first version past the limit: the
+                    // fix is the same whatever the rest say.
+                    out.push(Problem {
+                        key: "versions".into(),
+                        line: Some(lines.line_of(first_extra.span().start)),
+                        message: format!(
+                            "{} versions, more than the {MAX_VERSIONS} accepted (a release needs two or three; each version is a metric label, a judgment and an upstream pool); remove the versions that take no traffic",
+                            versions.len()
+                        ),
+                    });
+                    return out;
+                }
+                for (name, _) in versions {
+                    let name_len = name.get_ref().len();
+                    if name_len > MAX_NAME_LEN {
+                        out.push(Problem {
+                            key: format!("versions.{}", clip(name.get_ref())),
+                            line: Some(lines.line_of(name.span().start)),
+                            message: format!(
+                                "the version name is {name_len} bytes long, more than the {MAX_NAME_LEN} accepted: it becomes a metric label, so use a DNS label like `stable` or `canary-v2`"
+                            ),
+                        });
+                    }
+                }
+            }
+            ("rollback", toml::de::DeValue::Table(fields)) => {
+                for (fk, fv) in fields {
+                    if let ("target", toml::de::DeValue::String(target)) =
+                        (fk.get_ref().as_ref(), fv.get_ref())
+                    {
+                        if target.len() > MAX_NAME_LEN {
+                            out.push(Problem {
+                                key: "rollback.target".into(),
+                                line: Some(lines.line_of(fv.span().start)),
+                                message: format!(
+                                    "\"{}\" ({} bytes) cannot be a version: version names are at most {MAX_NAME_LEN} characters; name the version that takes the traffic of a rolled-back one, like \"stable\"",
+                                    clip(target),
+                                    target.len()
+                                ),
+                            });
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// At most the first 32 characters of `s`, and "..." if there were more:
+/// an oversized value is named in a message, not copied into it whole.
+fn clip(s: &str) -> String {
+    const SHOWN: usize = 32;
+    match s.char_indices().nth(SHOWN) {
+        Some((cut, _)) => format!("{}...", &s[..cut]),
+        None => s.to_string(),
+    }
+}
+
+/// A port written after the host must be 1 to 65535; with none, the port
+/// is 80 (`upstream` connects to `port_u16().unwrap_or(80)`).
+///
+/// `http::Uri` does not check this: it takes any text after the last ':'
+/// (`99999`, `-1`, `0`, nothing), and `port_u16()` reads one that is not a
+/// `u16` as no port at all, so `http://svc:99999` would silently go to port
+/// 80. Hence the port is read here from the authority's text.
+fn check_port(s: &str, authority: &Authority) -> Result<(), String> {
+    let text = authority.as_str();
+    // An IPv6 host is in brackets and full of ':'; a port comes after them.
+    let host_end = text.rfind(']').map_or(0, |i| i + 1);
+    let Some(colon) = text[host_end..].rfind(':') else {
+        return Ok(());
+    };
+    let port = &text[host_end + colon + 1..];
+    let fix = "use a port from 1 to 65535, like \"http://ping-canary:8080\", or no port for 80";
+    if port.is_empty() {
+        return Err(format!("\"{s}\" has an empty port after ':'; {fix}"));
+    }
+    // Digits only: `u16::from_str` would also take a leading '+'.
+    if !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("\"{s}\": port `{port}` is not a number; {fix}"));
+    }
+    match port.parse::<u16>() {
+        Ok(1..) => Ok(()),
+        _ => Err(format!("\"{s}\": port {port} is out of range; {fix}")),
+    }
 }
 
 fn unknown_keys(doc: &toml::de::DeTable<'_>, lines: &LineIndex) -> Vec<Problem> {
@@ -761,9 +919,72 @@ fn unknown_keys(doc: &toml::de::DeTable<'_>, lines: &LineIndex) -> Vec<Problem> 
     out
 }
 
+/// `versions`, each `versions.NAME` and `rollback` must be tables. Serde
+/// would also read a struct from an array, by position (`canary =
+/// ["http://a:1", 10]` was a valid version), which no doc describes and
+/// whose problems could not name the key they are about.
+fn not_tables(doc: &toml::de::DeTable<'_>, lines: &LineIndex) -> Vec<Problem> {
+    use toml::de::DeValue;
+    let mut out = Vec::new();
+    let mut report = |key: String, span: Range<usize>, value: &DeValue<'_>, fix: &str| {
+        let kind = value.type_str();
+        let article = if kind.starts_with(['a', 'i']) {
+            "an"
+        } else {
+            "a"
+        };
+        out.push(Problem {
+            key,
+            line: Some(lines.line_of(span.start)),
+            message: format!("is {article} {kind} where a table is expected; {fix}"),
+        });
+    };
+    for (k, v) in doc {
+        match (k.get_ref().as_ref(), v.get_ref()) {
+            ("versions", DeValue::Table(versions)) => {
+                for (name, version) in versions {
+                    if !version.get_ref().is_table() {
+                        report(
+                            format!("versions.{}", clip(name.get_ref())),
+                            name.span(),
+                            version.get_ref(),
+                            "write one table per version, like [versions.canary] with upstream = \"http://ping-canary:8080\" and weight = 10",
+                        );
+                    }
+                }
+            }
+            ("versions", other) => report(
+                "versions".into(),
+                k.span(),
+                other,
+                "write one table per version, like [versions.canary] with upstream = \"http://ping-canary:8080\" and weight = 10",
+            ),
+            ("rollback", other) if !other.is_table() => report(
+                "rollback".into(),
+                k.span(),
+                other,
+                "write [rollback] with target = \"stable\" and the keys of docs/routes.md",
+            ),
+            _ => {}
+        }
+    }
+    out
+}
+
 /// " (did you mean `x`?)" when a known word is close to what was written.
+///
+/// The edit distance costs the product of the two words' lengths, so a word
+/// longer than [`SUGGEST_MAX_LEN`] (no key or version name is that long, so
+/// it is no near miss of one) gets no suggestion, and only the first
+/// [`SUGGEST_MAX_CANDIDATES`] candidates are considered: at most about a
+/// million steps a call, whatever the file.
 fn suggest<'a>(written: &str, known: impl Iterator<Item = &'a str>) -> String {
+    if written.len() > SUGGEST_MAX_LEN {
+        return String::new();
+    }
     known
+        .take(SUGGEST_MAX_CANDIDATES)
+        .filter(|k| k.len() <= SUGGEST_MAX_LEN)
         .map(|k| (strsim::damerau_levenshtein(written, k), k))
         .filter(|(d, k)| *d <= 2.max(k.len() / 3))
         .min_by_key(|(d, _)| *d)
@@ -876,7 +1097,7 @@ mod tests {
         parse(text.as_bytes()).expect_err("should be invalid")
     }
 
-    const GOOD: &str = r#"
+    pub(super) const GOOD: &str = r#"
 [versions.stable]
 upstream = "http://ping-stable:8080"
 weight = 90
@@ -934,5 +1155,693 @@ window = "30s"
     fn line_index_is_one_based() {
         let l = LineIndex::new("a\nb\nc");
         assert_eq!((l.line_of(0), l.line_of(2), l.line_of(4)), (1, 2, 3));
+    }
+
+    #[test]
+    fn upstream_ports_are_1_to_65535_and_80_when_left_out() {
+        // Before issue 15 each of these was accepted, and the out-of-range
+        // ones connected to port 80.
+        for (upstream, why) in [
+            ("http://127.0.0.1:99999", "port 99999 is out of range"),
+            ("http://127.0.0.1:65536", "port 65536 is out of range"),
+            ("http://ping:0", "port 0 is out of range"),
+            ("http://ping:-1", "port `-1` is not a number"),
+            ("http://ping:+80", "port `+80` is not a number"),
+            ("http://ping:", "has an empty port after ':'"),
+            ("http://[::1]:70000", "port 70000 is out of range"),
+        ] {
+            let p = problems(&format!(
+                "[versions.canary]\nupstream = \"{upstream}\"\nweight = 1\n"
+            ));
+            assert_eq!(p.len(), 1, "{upstream}: {p:?}");
+            assert_eq!(
+                (p[0].key.as_str(), p[0].line),
+                ("versions.canary.upstream", Some(2)),
+                "{upstream}"
+            );
+            let shown = p[0].to_string();
+            for fragment in [upstream, why, "1 to 65535", "no port for 80"] {
+                assert!(shown.contains(fragment), "{fragment:?} in {shown}");
+            }
+        }
+        // No port is port 80: the upstream pool connects to
+        // `port_u16().unwrap_or(80)`.
+        for (upstream, port) in [
+            ("http://ping:1", Some(1)),
+            ("http://ping:65535", Some(65535)),
+            ("http://ping:08080", Some(8080)),
+            ("http://ping", None),
+            ("http://ping/", None),
+            ("http://[::1]:8080", Some(8080)),
+            ("http://[::1]", None),
+        ] {
+            let table = parse(
+                format!("[versions.canary]\nupstream = \"{upstream}\"\nweight = 1\n").as_bytes(),
+            )
+            .unwrap_or_else(|p| panic!("{upstream}: {p:?}"));
+            assert_eq!(
+                table.versions[0].upstream.authority.port_u16(),
+                port,
+                "{upstream}"
+            );
+        }
+    }
+
+    /// `n` versions named `canary-build-NNNNN` (18 characters, 66 bytes a
+    /// version), then a `[rollback]` table with `target`.
+    fn many_versions(n: usize, target: &str) -> String {
+        let mut text = String::new();
+        for i in 0..n {
+            text.push_str(&format!(
+                "[versions.canary-build-{i:05}]\nupstream = \"http://p:1\"\nweight = 1\n\n"
+            ));
+        }
+        text.push_str(&format!("[rollback]\ntarget = \"{target}\"\n"));
+        text
+    }
+
+    // The file of issue 15: 230 KB, 2000 versions and a 100 KB
+    // `rollback.target`. The old code computed "did you mean" for the target
+    // against every version name at full length, 2000 x 18 x 100,000 steps:
+    // 6 s in a release build and 2 minutes in a debug one (measured with
+    // `check` on this very file). No wall-clock assertion here (speed goals
+    // live in bench/): a regression shows up as a hang that the test
+    // harness's timeout catches.
+    #[test]
+    fn the_issue_15_file_is_refused_on_the_version_limit() {
+        let text = many_versions(2000, &"x".repeat(100_000));
+        assert!((225_000..240_000).contains(&text.len()), "{}", text.len());
+        let p = problems(&text);
+        assert_eq!(p.len(), 1, "one problem, not one per version: {p:?}");
+        // The first version past the limit, the 257th, starts on line 1025.
+        assert_eq!((p[0].key.as_str(), p[0].line), ("versions", Some(1025)));
+        let shown = p[0].to_string();
+        for fragment in ["2000 versions", "more than the 256 accepted"] {
+            assert!(shown.contains(fragment), "{fragment:?} in {shown}");
+        }
+    }
+
+    #[test]
+    fn the_version_limit_is_256() {
+        let target = "canary-build-00000";
+        assert_eq!(
+            parse(many_versions(MAX_VERSIONS, target).as_bytes()).map(|t| t.versions.len()),
+            Ok(256)
+        );
+        let p = problems(&many_versions(MAX_VERSIONS + 1, target));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].to_string()
+                .contains("257 versions, more than the 256 accepted"),
+            "{}",
+            p[0]
+        );
+    }
+
+    // As many versions as allowed, and a target of a million bytes: the old
+    // code's suggestion took 256 x 18 x 1,000,000 steps (8 s in a release
+    // build, measured; minutes in a debug one); now the target is refused
+    // on its length alone.
+    #[test]
+    fn a_target_longer_than_any_name_is_refused_on_its_length() {
+        let text = many_versions(MAX_VERSIONS, &"x".repeat(1_000_000));
+        assert!(text.len() <= MAX_FILE_BYTES);
+        let p = problems(&text);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!(
+            (p[0].key.as_str(), p[0].line),
+            ("rollback.target", Some(4 * MAX_VERSIONS + 2))
+        );
+        let shown = p[0].to_string();
+        for fragment in [
+            "(1000000 bytes) cannot be a version",
+            "at most 63 characters",
+        ] {
+            assert!(shown.contains(fragment), "{fragment:?} in {shown}");
+        }
+        assert!(
+            shown.len() < 400,
+            "the value is clipped, not copied: {shown}"
+        );
+    }
+
+    // Two names of 500 KB: the old code compared them in a suggestion,
+    // 500,000 x 500,000 edit-distance steps (7 minutes of CPU in a release
+    // build, measured). Now both are refused on their length.
+    #[test]
+    fn a_version_name_longer_than_63_is_refused_on_its_length() {
+        let name = "a".repeat(500_000);
+        let target = "b".repeat(500_000);
+        let text = format!(
+            "[versions.{name}]\nupstream = \"http://p:1\"\nweight = 1\n\n[rollback]\ntarget = \"{target}\"\n"
+        );
+        let p = problems(&text);
+        assert_eq!(p.len(), 2, "{p:?}");
+        let name_problem = p[0].to_string();
+        assert_eq!(p[0].line, Some(1));
+        for fragment in [
+            "`versions.aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa...`",
+            "500000 bytes long, more than the 63 accepted",
+            "DNS label",
+        ] {
+            assert!(
+                name_problem.contains(fragment),
+                "{fragment:?} in {name_problem}"
+            );
+        }
+        assert_eq!((p[1].key.as_str(), p[1].line), ("rollback.target", Some(6)));
+        assert!(
+            name_problem.len() < 400 && p[1].to_string().len() < 400,
+            "{p:?}"
+        );
+        // 63 is still a name, 64 is not.
+        let at = |n: usize| {
+            parse(
+                format!(
+                    "[versions.{}]\nupstream = \"http://p:1\"\nweight = 1\n",
+                    "a".repeat(n)
+                )
+                .as_bytes(),
+            )
+        };
+        assert!(at(63).is_ok());
+        assert!(at(64).unwrap_err()[0].message.contains("64 bytes long"));
+    }
+
+    #[test]
+    fn the_file_size_limit_is_1_mib() {
+        let valid = "[versions.stable]\nupstream = \"http://p:1\"\nweight = 1\n# ";
+        let padded = |len: usize| format!("{valid}{}\n", "x".repeat(len - valid.len() - 1));
+        let at_limit = padded(MAX_FILE_BYTES);
+        assert_eq!(at_limit.len(), 1 << 20);
+        assert!(parse(at_limit.as_bytes()).is_ok());
+        let p = problems(&padded(MAX_FILE_BYTES + 1));
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert_eq!((p[0].key.as_str(), p[0].line), ("", None));
+        for fragment in ["larger than 1048576 bytes", "1 MiB", "ConfigMap"] {
+            assert!(p[0].message.contains(fragment), "{fragment:?} in {}", p[0]);
+        }
+        // Checked before the UTF-8 check: the size is the first thing known.
+        assert!(problems_of(&vec![0xff; MAX_FILE_BYTES + 1])[0]
+            .message
+            .contains("1 MiB"));
+    }
+
+    fn problems_of(bytes: &[u8]) -> Vec<Problem> {
+        parse(bytes).expect_err("should be invalid")
+    }
+
+    #[test]
+    fn read_stops_one_byte_past_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("routes.toml");
+        std::fs::write(&path, vec![b'#'; 3 * MAX_FILE_BYTES]).unwrap();
+        assert_eq!(read(&path).unwrap().len(), MAX_FILE_BYTES + 1);
+        std::fs::write(&path, b"# small").unwrap();
+        assert_eq!(read(&path).unwrap(), b"# small");
+    }
+
+    // Found by the property tests below: serde reads a struct from an array
+    // by position, so `canary = ["http://a:1", 10, false]` was a valid
+    // version, and a problem in it named a key that was nowhere written.
+    #[test]
+    fn versions_and_rollback_must_be_tables_not_arrays() {
+        let p = problems("[versions]\ncanary = [\"http://a:1\", 10, false]\n");
+        assert_eq!((p[0].key.as_str(), p[0].line), ("versions.canary", Some(2)));
+        assert!(
+            p[0].message
+                .starts_with("is an array where a table is expected"),
+            "{}",
+            p[0]
+        );
+        let p = problems("[[versions.a]]\nupstream = \"http://a:1\"\nweight = 1\n\n[[rollback]]\ntarget = \"a\"\n");
+        let found: Vec<_> = p.iter().map(|p| (p.key.as_str(), p.line)).collect();
+        assert_eq!(found, [("versions.a", Some(1)), ("rollback", Some(5))]);
+        let p = problems("versions = 5\n");
+        assert_eq!((p[0].key.as_str(), p[0].line), ("versions", Some(1)));
+        assert!(p[0].message.starts_with("is an integer where"), "{}", p[0]);
+    }
+
+    #[test]
+    fn did_you_mean_compares_only_short_words_and_only_so_many() {
+        // Typos of keys and names keep their suggestion.
+        assert_eq!(
+            suggest("wieght", RawVersion::KEYS.iter().copied()),
+            " (did you mean `weight`?)"
+        );
+        assert_eq!(
+            suggest("canary-v3", ["stable", "canary-v2"].into_iter()),
+            " (did you mean `canary-v2`?)"
+        );
+        // A word longer than any key or name is not compared at all: a
+        // million bytes against 256 names of 63 was 16 billion steps.
+        let names: Vec<String> = (0..MAX_VERSIONS).map(|i| format!("{i:0>63}")).collect();
+        let huge = "0".repeat(1_000_000);
+        assert_eq!(suggest(&huge, names.iter().map(String::as_str)), "");
+        // Nor is a candidate that long, however close.
+        let word = "a".repeat(SUGGEST_MAX_LEN);
+        let near = format!("{word}b");
+        assert_eq!(suggest(&word, std::iter::once(near.as_str())), "");
+        assert_eq!(
+            suggest(&word[1..], std::iter::once(word.as_str())),
+            format!(" (did you mean `{word}`?)")
+        );
+        // Only the first SUGGEST_MAX_CANDIDATES candidates are looked at.
+        let far: Vec<String> = (0..SUGGEST_MAX_CANDIDATES)
+            .map(|i| format!("zzzzzz{i}"))
+            .collect();
+        let known = || far.iter().map(String::as_str);
+        assert_eq!(suggest("stabel", known().chain(["stable"])), "");
+        assert_eq!(
+            suggest(
+                "stabel",
+                known().take(SUGGEST_MAX_CANDIDATES - 1).chain(["stable"])
+            ),
+            " (did you mean `stable`?)"
+        );
+    }
+}
+
+/// Property tests of [`parse`], the one function behind `check`, start-up and
+/// reload: on arbitrary bytes, arbitrary text and near-valid TOML it never
+/// panics, and every problem it reports says where it is.
+///
+/// Runtime is bounded by the case counts (a few thousand parses of inputs
+/// of at most a few KB), not by a clock. A failure prints the smallest
+/// input proptest found: add it to `tests` above as a plain case. Failures
+/// are not persisted to files in the source tree.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config(cases: u32) -> ProptestConfig {
+        ProptestConfig {
+            cases,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    /// The problems about the file as a whole rather than a place in it:
+    /// these, and only these, come without a line. Too large, not UTF-8 and
+    /// empty; no versions at all, and all weights zero (a property of every
+    /// version together). Everything else is about a key that is in the file
+    /// or about TOML syntax, and names its line.
+    fn is_whole_file(p: &Problem) -> bool {
+        let starts = |prefixes: &[&str]| prefixes.iter().any(|s| p.message.starts_with(s));
+        match p.key.as_str() {
+            "" => starts(&["the file is larger than", "not UTF-8", "the file is empty"]),
+            "versions" => starts(&["no versions", "all weights are zero"]),
+            _ => false,
+        }
+    }
+
+    /// What any outcome of `parse` must satisfy.
+    fn check_outcome(bytes: &[u8]) -> Result<(), TestCaseError> {
+        match parse(bytes) {
+            Ok(table) => {
+                prop_assert!((1..=MAX_VERSIONS).contains(&table.versions.len()));
+                prop_assert!(table.total_weight() > 0);
+                for v in &table.versions {
+                    prop_assert!(check_dns_label(&v.name).is_ok(), "{}", v.name);
+                    prop_assert!(v.weight <= MAX_WEIGHT);
+                    // The port connected to is the one written, or 80
+                    // when none is: never a written one read as none.
+                    let authority = v.upstream.authority.as_str();
+                    let host_end = authority.rfind(']').map_or(0, |i| i + 1);
+                    match v.upstream.authority.port_u16() {
+                        Some(port) => prop_assert!(port >= 1, "{}", authority),
+                        None => prop_assert!(!authority[host_end..].contains(':'), "{}", authority),
+                    }
+                }
+                if let Some(r) = &table.rollback {
+                    prop_assert!(r.target < table.versions.len());
+                }
+                prop_assert_eq!(table.hash, content_hash(bytes));
+            }
+            Err(problems) => {
+                prop_assert!(!problems.is_empty());
+                // Lines are numbered from 1; a span at the very end of the
+                // file is on the line after its last newline.
+                let lines = bytes.iter().filter(|b| **b == b'\n').count() + 1;
+                for p in &problems {
+                    let shown = p.to_string();
+                    prop_assert!(!p.message.is_empty());
+                    if is_whole_file(p) {
+                        prop_assert_eq!(p.line, None, "{}", shown);
+                        prop_assert!(!shown.starts_with("line "), "{}", shown);
+                    } else {
+                        let Some(line) = p.line else {
+                            return Err(TestCaseError::fail(format!("no line: {shown}")));
+                        };
+                        prop_assert!(
+                            (1..=lines).contains(&line),
+                            "line {} of {}: {}",
+                            line,
+                            lines,
+                            shown
+                        );
+                        let prefix = format!("line {line}: ");
+                        prop_assert!(shown.starts_with(&prefix), "{}", shown);
+                        prop_assert!(names_its_line(bytes, p, line), "{}", shown);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The line a problem gives is where its key is written: the line
+    /// holds the key's last part (`weight` for `versions.canary.weight`),
+    /// or for a missing key, the table it is missing from. Checked where
+    /// that part is a bare key, so that it appears in the file as is.
+    fn names_its_line(bytes: &[u8], p: &Problem, line: usize) -> bool {
+        let mut parts = p.key.rsplit('.');
+        let (last, parent) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+        let written = if p.message.starts_with("missing") {
+            parent
+        } else {
+            last
+        };
+        let bare = |k: &str| {
+            !k.is_empty()
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if !bare(written) {
+            return true;
+        }
+        let text = bytes
+            .split(|b| *b == b'\n')
+            .nth(line - 1)
+            .unwrap_or_default();
+        String::from_utf8_lossy(text).contains(written)
+    }
+
+    // ---- near-valid TOML, built from the real keys ----
+
+    /// Every key the file accepts, at any level.
+    fn real_keys() -> Vec<&'static str> {
+        [TOP_KEYS, RawVersion::KEYS, RawRollback::KEYS].concat()
+    }
+
+    /// A real key, a near miss of one (a letter dropped, doubled, swapped or
+    /// replaced), or a word of its own.
+    fn key() -> impl Strategy<Value = String> {
+        let typo = (
+            prop::sample::select(real_keys()),
+            any::<prop::sample::Index>(),
+            0..4u8,
+            prop::char::range('a', 'z'),
+        )
+            .prop_map(|(k, at, how, c)| {
+                let mut k: Vec<char> = k.chars().collect();
+                let i = at.index(k.len());
+                match how {
+                    0 => {
+                        k.remove(i);
+                    }
+                    1 => k.insert(i, k[i]),
+                    2 if i + 1 < k.len() => k.swap(i, i + 1),
+                    _ => k[i] = c,
+                }
+                k.into_iter().collect()
+            });
+        prop_oneof![
+            4 => prop::sample::select(real_keys()).prop_map(str::to_string),
+            3 => typo,
+            1 => "[a-z_]{1,12}",
+            1 => "[ -~]{0,16}",
+        ]
+    }
+
+    /// A key as TOML writes it: bare when it can be, quoted otherwise.
+    fn render_key(k: &str) -> String {
+        let bare = !k.is_empty()
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if bare {
+            k.to_string()
+        } else {
+            toml::Value::String(k.to_string()).to_string()
+        }
+    }
+
+    /// A version name: good ones, ones the DNS-label rule refuses, and ones
+    /// past the length limit.
+    fn name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => prop::sample::select(vec!["stable", "canary", "canary-v2", "blue", "green"])
+                .prop_map(str::to_string),
+            2 => "[a-z0-9][a-z0-9-]{0,8}",
+            1 => "[A-Za-z0-9_.-]{0,70}",
+        ]
+    }
+
+    fn quoted(s: &str) -> String {
+        toml::Value::String(s.to_string()).to_string()
+    }
+
+    /// A value of any TOML type, often one a key of the file accepts.
+    fn value() -> impl Strategy<Value = String> {
+        let strings = prop::sample::select(vec![
+            "http://ping-canary:8080",
+            "http://127.0.0.1:99999",
+            "http://ping:0",
+            "http://ping:-1",
+            "http://ping:",
+            "http://[::1]:8080",
+            "http://ping",
+            "https://ping:8443",
+            "ftp://files:21",
+            "http://ping:8080/api",
+            "http://user@ping:1",
+            "ping:8080",
+            "30s",
+            "250ms",
+            "2h",
+            "0s",
+            "forever",
+            "5xx",
+            "429",
+            "6xx",
+            "stable",
+            "canary",
+            "stabel",
+            "",
+        ]);
+        let leaf = prop_oneof![
+            4 => strings.prop_map(quoted),
+            1 => "[ -~]{0,24}".prop_map(|s| quoted(&s)),
+            2 => (-5i64..2_000_000).prop_map(|i| i.to_string()),
+            1 => any::<i64>().prop_map(|i| i.to_string()),
+            1 => prop::sample::select(vec![
+                "0.0", "0.05", "1.0", "1.5", "-0.1", "1e5", "1e12", "1e13", "nan", "inf", "-inf",
+            ])
+            .prop_map(str::to_string),
+            1 => (0.0f64..2.0).prop_map(|f| format!("{f:?}")),
+            1 => any::<bool>().prop_map(|b| b.to_string()),
+            1 => Just("1979-05-27T07:32:00Z".to_string()),
+        ];
+        leaf.prop_recursive(2, 12, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|items| format!("[{}]", items.join(", "))),
+                prop::collection::vec((key(), inner), 0..3).prop_map(|pairs| {
+                    let pairs: Vec<String> = pairs
+                        .iter()
+                        .map(|(k, v)| format!("{} = {v}", render_key(k)))
+                        .collect();
+                    format!("{{ {} }}", pairs.join(", "))
+                }),
+            ]
+        })
+    }
+
+    /// Up to `n` lines `key = value`, none most of the time: a stray key
+    /// is an unknown-key problem, reported alone, which would hide the rest.
+    fn entries(keys: impl Strategy<Value = String>, n: usize) -> impl Strategy<Value = String> {
+        let lines = prop::collection::vec((keys, value()), 1..=n).prop_map(|pairs| {
+            pairs
+                .iter()
+                .map(|(k, v)| format!("{} = {v}\n", render_key(k)))
+                .collect::<String>()
+        });
+        prop::option::weighted(0.06, lines).prop_map(Option::unwrap_or_default)
+    }
+
+    /// The value of `key`, mostly one it accepts, sometimes anything.
+    fn value_for(good: &'static [&'static str]) -> impl Strategy<Value = String> {
+        prop_oneof![12 => prop::sample::select(good).prop_map(str::to_string), 1 => value()]
+    }
+
+    const UPSTREAMS: &[&str] = &[
+        "\"http://ping-stable:8080\"",
+        "\"http://ping-canary:8080\"",
+        "\"http://127.0.0.1:1\"",
+        "\"http://[::1]:65535\"",
+        "\"http://ping\"",
+    ];
+    const BAD_PORTS: &[&str] = &[
+        "http://ping:0",
+        "http://ping:99999",
+        "http://ping:-1",
+        "http://ping:",
+        "http://[::1]:65536",
+    ];
+    const WEIGHTS: &[&str] = &["0", "1", "10", "90", "9999", "1000000"];
+
+    /// A `[versions.NAME]` table as (name, text), usually with its two
+    /// required keys.
+    fn version_table() -> impl Strategy<Value = (String, String)> {
+        (
+            name(),
+            prop::option::weighted(
+                0.95,
+                prop_oneof![
+                    12 => value_for(UPSTREAMS),
+                    1 => prop::sample::select(BAD_PORTS).prop_map(quoted),
+                ],
+            ),
+            prop::option::weighted(0.95, value_for(WEIGHTS)),
+            prop::option::weighted(0.2, value_for(&["true", "false"])),
+            entries(key(), 2),
+        )
+            .prop_map(|(name, upstream, weight, rewrite_host, rest)| {
+                let mut t = format!("[versions.{}]\n", render_key(&name));
+                for (k, v) in [
+                    ("upstream", upstream),
+                    ("weight", weight),
+                    ("rewrite_host", rewrite_host),
+                ] {
+                    if let Some(v) = v {
+                        t.push_str(&format!("{k} = {v}\n"));
+                    }
+                }
+                (name, t + &rest)
+            })
+    }
+
+    /// A `[rollback]` table: usually a target, then some of its keys.
+    fn rollback_table() -> impl Strategy<Value = String> {
+        let good: &[(&str, &[&str])] = &[
+            ("error_rate", &["0.05", "1", "0.5", "1e-3"]),
+            ("min_requests", &["1", "10", "50"]),
+            ("window", &["\"30s\"", "\"1h\"", "\"1s\""]),
+            (
+                "error_codes",
+                &["[\"5xx\"]", "[\"5xx\", \"429\"]", "[\"1XX\", \"599\"]"],
+            ),
+            ("slower_than", &["\"250ms\"", "\"1ms\"", "\"1h\""]),
+            ("slow_rate", &["0.01", "0.5"]),
+            ("trip_odds", &["100", "1e5", "1e12"]),
+            ("compare_target", &["true", "false"]),
+        ];
+        let keys: Vec<_> = good
+            .iter()
+            .map(|(k, values)| {
+                prop::option::weighted(0.3, value_for(values))
+                    .prop_map(move |v| v.map(|v| format!("{k} = {v}\n")).unwrap_or_default())
+            })
+            .collect();
+        (prop::option::weighted(0.9, name()), keys, entries(key(), 2)).prop_map(
+            |(target, keys, rest)| {
+                let target = target.map(|t| format!("target = {}\n", quoted(&t)));
+                format!(
+                    "[rollback]\n{}{}{rest}",
+                    target.unwrap_or_default(),
+                    keys.concat()
+                )
+            },
+        )
+    }
+
+    /// Any other table header: a typo of a real one, `[versions]` itself,
+    /// an array of tables, or nonsense.
+    fn other_table() -> impl Strategy<Value = String> {
+        let header = prop_oneof![
+            key().prop_map(|k| format!("[{}]", render_key(&k))),
+            (key(), name()).prop_map(|(k, n)| format!("[{}.{}]", render_key(&k), render_key(&n))),
+            Just("[versions]".to_string()),
+            name().prop_map(|n| format!("[[versions.{}]]", render_key(&n))),
+            Just("[[rollback]]".to_string()),
+        ];
+        (header, entries(key(), 3)).prop_map(|(h, rest)| format!("{h}\n{rest}"))
+    }
+
+    /// A whole file: perhaps top-level keys, then one to four versions (of
+    /// distinct names, as a real file has), perhaps a `[rollback]`, perhaps
+    /// another table, in any order; sometimes one table twice.
+    fn document() -> impl Strategy<Value = String> {
+        (
+            entries(key(), 2),
+            prop::collection::vec(version_table(), 1..5),
+            prop::option::weighted(0.6, rollback_table()),
+            prop::option::weighted(0.1, other_table()),
+            prop::option::weighted(0.1, any::<prop::sample::Index>()),
+        )
+            .prop_flat_map(|(top, versions, rollback, other, duplicate)| {
+                let mut seen = std::collections::HashSet::new();
+                let mut tables: Vec<String> = versions
+                    .into_iter()
+                    .filter(|(name, _)| seen.insert(name.clone()))
+                    .map(|(_, text)| text)
+                    .chain(rollback)
+                    .chain(other)
+                    .collect();
+                if let Some(at) = duplicate {
+                    tables.push(tables[at.index(tables.len())].clone());
+                }
+                (Just(top), Just(tables).prop_shuffle())
+            })
+            .prop_map(|(top, tables)| format!("{top}\n{}", tables.join("\n")))
+    }
+
+    // Case counts: all of these together take about 6 s in a debug build
+    // on a 2-core machine, most of it generating near-valid files.
+    proptest! {
+        #![proptest_config(config(8000))]
+
+        #[test]
+        fn near_valid_toml(text in document()) {
+            check_outcome(text.as_bytes())?;
+        }
+    }
+
+    proptest! {
+        #![proptest_config(config(4000))]
+
+        #[test]
+        fn any_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            check_outcome(&bytes)?;
+        }
+
+        #[test]
+        fn any_text(text in any::<String>()) {
+            check_outcome(text.as_bytes())?;
+        }
+
+        #[test]
+        fn text_of_toml_characters(text in "[\\[\\]{}.=\"'a-z0-9_ \n\t,#:/+-]{0,300}") {
+            check_outcome(text.as_bytes())?;
+        }
+
+        /// A valid file with a few bytes changed, inserted or removed.
+        #[test]
+        fn a_valid_file_mutated(edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0..3u8), 1..6)) {
+            let mut bytes = tests::GOOD.as_bytes().to_vec();
+            for (at, byte, how) in edits {
+                let i = at.index(bytes.len());
+                match how {
+                    0 => bytes[i] = byte,
+                    1 => bytes.insert(i, byte),
+                    _ => {
+                        bytes.remove(i);
+                    }
+                }
+            }
+            check_outcome(&bytes)?;
+        }
     }
 }

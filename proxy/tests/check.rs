@@ -214,6 +214,78 @@ fn upstreams_must_be_plain_http_base_urls() {
 }
 
 #[test]
+fn upstream_ports_are_1_to_65535() {
+    // Before issue 15, `:99999` printed "routes OK" and the proxy sent the
+    // version's requests to port 80; `:0` and `:-1` were accepted too.
+    rejects(
+        &one_version("\"http://127.0.0.1:99999\"", "1"),
+        &[
+            "line 2",
+            "versions.canary.upstream",
+            "\"http://127.0.0.1:99999\"",
+            "port 99999 is out of range",
+            "1 to 65535",
+        ],
+    );
+    rejects(
+        &one_version("\"http://127.0.0.1:0\"", "1"),
+        &[
+            "versions.canary.upstream",
+            "port 0 is out of range",
+            "1 to 65535",
+        ],
+    );
+    rejects(
+        &one_version("\"http://127.0.0.1:-1\"", "1"),
+        &[
+            "versions.canary.upstream",
+            "port `-1` is not a number",
+            "1 to 65535",
+        ],
+    );
+    // Without a port, the port is 80, as the docs say.
+    let c = check(&one_version("\"http://ping-canary\"", "1"));
+    assert_eq!(c.code, Some(0), "stderr: {}", c.stderr);
+    assert!(c.stdout.contains("-> http://ping-canary\n"), "{}", c.stdout);
+}
+
+#[test]
+fn a_file_over_1_mib_is_refused_on_its_size() {
+    // Valid TOML, made too large by a comment: the size is checked first.
+    let text = format!("{STABLE}# {}\n", "x".repeat(1 << 20));
+    rejects(&text, &["larger than 1048576 bytes", "1 MiB", "ConfigMap"]);
+}
+
+// The file of issue 15 (230 KB: 2000 versions and a 100 KB rollback.target),
+// through the binary. The old `check` spent 6 s of CPU on it in a release
+// build and 2 minutes in a debug one, computing "did you mean" for the target
+// against every version name. No wall-clock assertion (speed goals live in
+// bench/): a regression shows up as a hang that the harness's timeout catches.
+#[test]
+fn the_issue_15_file_is_refused_on_the_version_limit() {
+    let mut text = String::new();
+    for i in 0..2000 {
+        text.push_str(&format!(
+            "[versions.canary-build-{i:05}]\nupstream = \"http://p:1\"\nweight = 1\n\n"
+        ));
+    }
+    text.push_str(&format!(
+        "[rollback]\ntarget = \"{}\"\n",
+        "x".repeat(100_000)
+    ));
+    assert!((225_000..240_000).contains(&text.len()), "{}", text.len());
+    rejects(
+        &text,
+        &[
+            "line 1025",
+            "`versions`",
+            "2000 versions",
+            "more than the 256 accepted",
+        ],
+    );
+}
+
+#[test]
 fn version_names_are_unique_dns_labels() {
     rejects(
         &one_version("\"http://a:1\"", "1").replace("canary", "Canary_V2"),

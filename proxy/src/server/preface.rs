@@ -188,4 +188,187 @@ mod tests {
         let (d, _) = detect_after(b"P", false).await;
         assert_eq!(d.unwrap_err().kind(), io::ErrorKind::TimedOut);
     }
+
+    /// Property tests: whatever a client sends, in whatever pieces, the
+    /// decision is the one the bytes call for, and hyper reads every byte.
+    mod properties {
+        use super::*;
+        use futures_util::FutureExt;
+        use proptest::prelude::*;
+
+        /// Never reached: a detection that waits for bytes that will not
+        /// come is caught without waiting (see `exchange`), so no case
+        /// depends on the clock.
+        const NEVER: Duration = Duration::from_secs(3600);
+
+        /// What the bytes call for: H2 exactly when they start with the whole
+        /// preface, Closed only when there are none, Http1 otherwise (they
+        /// leave the preface, or stop part way through it).
+        fn expected(sent: &[u8]) -> Detected {
+            if sent.starts_with(H2_PREFACE) {
+                Detected::H2
+            } else if sent.is_empty() {
+                Detected::Closed
+            } else {
+                Detected::Http1
+            }
+        }
+
+        /// Bytes that follow the preface for a while, often all the way.
+        fn client_bytes() -> impl Strategy<Value = Vec<u8>> {
+            let tail = || prop::collection::vec(any::<u8>(), 0..40);
+            prop_oneof![
+                // A prefix of the preface (possibly all or none of it),
+                // then anything.
+                (0..=H2_PREFACE.len(), tail())
+                    .prop_map(|(n, tail)| [&H2_PREFACE[..n], &tail[..]].concat()),
+                // The preface with one byte replaced (perhaps by itself).
+                (0..H2_PREFACE.len(), any::<u8>(), tail()).prop_map(|(i, b, tail)| {
+                    let mut sent = H2_PREFACE.to_vec();
+                    sent[i] = b;
+                    sent.extend(tail);
+                    sent
+                }),
+                // HTTP/1.1 requests start with a method, like "PRI" does.
+                prop::sample::select(vec![
+                    &b"GET / HTTP/1.1\r\n\r\n"[..],
+                    b"PRI / HTTP/1.1\r\n",
+                    b"P"
+                ])
+                .prop_map(<[u8]>::to_vec),
+                prop::collection::vec(any::<u8>(), 0..64),
+            ]
+        }
+
+        /// `fut`'s output if it is ready now: for a poll whose bytes are all
+        /// in the pipe, which must not wait. The yield first refills tokio's
+        /// cooperative budget (a poll on an empty budget is pending however
+        /// ready its bytes are), so a future still pending is one that waits
+        /// for bytes that will never come, or spins without them.
+        async fn ready_now<F: std::future::Future>(fut: F) -> Option<F::Output> {
+            tokio::task::yield_now().await;
+            fut.now_or_never()
+        }
+
+        /// The client writes `sent` in pieces of the `pieces` sizes (cycled),
+        /// letting the server run after each, then closes its side when
+        /// `close` (and always when the bytes alone cannot decide: a strict
+        /// prefix of the preface). Returns the decision and every byte read
+        /// through the `Prefixed` stream after it, in reads of the `reads`
+        /// sizes (cycled), or why there is none.
+        fn exchange(
+            sent: &[u8],
+            pieces: &[usize],
+            reads: &[usize],
+            close: bool,
+        ) -> Result<(Detected, Vec<u8>), String> {
+            let close = close || H2_PREFACE.starts_with(sent);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                // Room for every byte, so the client never waits for the
+                // server: once it is done, all it sent is in the pipe.
+                let (mut client, server) = tokio::io::duplex(sent.len() + 1);
+                let (to_send, pieces) = (sent.to_vec(), pieces.to_vec());
+                let writer = tokio::spawn(async move {
+                    let mut rest = &to_send[..];
+                    for &size in pieces.iter().cycle() {
+                        if rest.is_empty() {
+                            break;
+                        }
+                        let (piece, tail) = rest.split_at(size.min(rest.len()));
+                        client.write_all(piece).await.unwrap();
+                        // The server may read now, and see just this much.
+                        tokio::task::yield_now().await;
+                        rest = tail;
+                    }
+                    if close {
+                        client.shutdown().await.unwrap();
+                    }
+                    // Open until the server has read: it must not need the end.
+                    client
+                });
+                let mut p = Prefixed::new(server);
+                let detected = {
+                    let detect = p.detect(Instant::now() + NEVER);
+                    tokio::pin!(detect);
+                    loop {
+                        // Was the client done before this poll? Then all it
+                        // sent (and the end, if sent) is in the pipe, and the
+                        // bytes decide now or never will.
+                        let client_done = writer.is_finished();
+                        match ready_now(detect.as_mut()).await {
+                            Some(d) => break d,
+                            None if client_done => {
+                                return Err("waits for bytes though they decide, or spins".into())
+                            }
+                            // Still sending: the yield in ready_now let it go on.
+                            None => {}
+                        }
+                    }
+                }
+                .map_err(|e| format!("detect: {e}"))?;
+                let client = writer.await.unwrap();
+                // Every byte is in the pipe now, so each read returns at once
+                // or never will. Read as hyper would, in reads of any size,
+                // up to the end (or, on an open connection, every byte sent).
+                let mut replay = Vec::new();
+                for &size in reads.iter().cycle() {
+                    // More than was sent is wrong already; stop there.
+                    if replay.len() > sent.len() || !close && replay.len() == sent.len() {
+                        break;
+                    }
+                    let mut buf = vec![0; size];
+                    match ready_now(p.read(&mut buf)).await {
+                        None => {
+                            return Err(format!(
+                                "replay waits after {} of {} bytes",
+                                replay.len(),
+                                sent.len()
+                            ))
+                        }
+                        Some(Ok(0)) => break,
+                        Some(Ok(n)) => replay.extend_from_slice(&buf[..n]),
+                        Some(Err(e)) => return Err(format!("replay: {e}")),
+                    }
+                }
+                drop(client);
+                Ok((detected, replay))
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig {
+                // About 0.3 s in a debug build.
+                cases: 4000,
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            #[test]
+            fn detection_follows_the_bytes_and_replays_them_all(
+                sent in client_bytes(),
+                pieces in prop::collection::vec(1usize..=30, 1..8),
+                reads in prop::collection::vec(1usize..=30, 1..8),
+                close in any::<bool>(),
+            ) {
+                let (detected, replay) = exchange(&sent, &pieces, &reads, close).map_err(TestCaseError::fail)?;
+                prop_assert_eq!(detected, expected(&sent));
+                prop_assert_eq!(replay, sent, "every byte, in order");
+            }
+        }
+
+        #[test]
+        fn the_expectation_itself() {
+            // The oracle above, on the cases that matter, so a mistake in it
+            // cannot hide one in `detect`.
+            assert_eq!(expected(b""), Detected::Closed);
+            assert_eq!(expected(&H2_PREFACE[..23]), Detected::Http1);
+            assert_eq!(expected(H2_PREFACE), Detected::H2);
+            assert_eq!(expected(&[&H2_PREFACE[..], b"x"].concat()), Detected::H2);
+            assert_eq!(expected(b"GET / HTTP/1.1"), Detected::Http1);
+        }
+    }
 }
