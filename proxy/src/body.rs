@@ -29,6 +29,10 @@ pub(crate) enum End<'a, E> {
 pub(crate) trait BodyHook<E> {
     /// Runs before every poll of the inner body, with the reader's context.
     fn before_poll(&mut self, _cx: &mut Context<'_>) {}
+    /// Sees every frame as it passes: `trailers` for a trailers frame,
+    /// `None` for data (gRPC puts its status in the trailers, and its first
+    /// frame is when a call answered).
+    fn on_frame(&mut self, _trailers: Option<&http::HeaderMap>) {}
     /// Runs once, when the body is over.
     fn end(self, how: End<'_, E>);
 }
@@ -71,6 +75,11 @@ where
         }
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(hook) = &mut this.hook {
+                    hook.on_frame(frame.trailers_ref());
+                }
+            }
             Poll::Ready(None) => {
                 if let Some(hook) = this.hook.take() {
                     hook.end(End::Complete);

@@ -302,6 +302,7 @@ fn build(inner: &mut Inner, table: Arc<RouteTable>, metrics: &Metrics) -> Snapsh
             authority_header: HeaderValue::from_str(spec.upstream.authority.as_str())
                 .expect("an authority is a valid header value"),
             rewrite_host: spec.rewrite_host,
+            protocol: spec.protocol,
             metrics: vm,
             judgment,
             rollback: inner.latches.get(&spec.name).map(|l| l.record.clone()),

@@ -50,6 +50,7 @@ mod control;
 mod demo;
 mod event_loops;
 mod forward;
+mod grpc_status;
 mod guard;
 mod metrics;
 mod proxy;

@@ -85,7 +85,7 @@ struct CommonArgs {
     /// Give up connecting to an upstream after this long (answer 502, or retry on the rollback target).
     #[arg(long, env = "CANARY_PROXY_CONNECT_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
-    /// Answer 504 when an upstream sends no response head within this long; `0s` waits forever.
+    /// Answer 504 when an upstream sends no response head within this long; `0s` waits forever. A gRPC call is answered DEADLINE_EXCEEDED instead, and its `grpc-timeout` lowers this for that call.
     #[arg(long, env = "CANARY_PROXY_UPSTREAM_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     upstream_timeout: Duration,
     /// A request body gets this long before --request-body-min-rate applies; one that falls behind is cut and answered 408.

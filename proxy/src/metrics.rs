@@ -110,6 +110,7 @@ pub struct Metrics {
     /// `canary_proxy_client_errors_total` by kind, in the order of
     /// `ClientErrorKind::ALL`.
     client_errors: [IntCounter; 4],
+    grpc_requests: IntCounterVec,
     pub(crate) connections: IntGauge,
     pub(crate) connections_rejected: IntCounter,
     pub(crate) max_connections: IntGauge,
@@ -168,6 +169,7 @@ impl Metrics {
         let m = Metrics {
             client_errors: ClientErrorKind::ALL
                 .map(|k| client_errors.with_label_values(&[k.as_str()])),
+            grpc_requests: registered(r, IntCounterVec::new(opts("canary_proxy_grpc_requests_total", "gRPC calls answered, by version and the grpc-status the client got (its name; 'other' for a value outside the 17 codes)."), &["version", "grpc_status"])),
             connections: registered(r, IntGauge::with_opts(opts("canary_proxy_connections", "Client connections open now (traffic and HTTPS listeners)."))),
             connections_rejected: registered(r, IntCounter::with_opts(opts("canary_proxy_connections_rejected_total", "Client connections closed at once because --max-connections were open."))),
             max_connections: registered(r, IntGauge::with_opts(opts("canary_proxy_max_connections", "The --max-connections limit in force (set, or derived from the memory and descriptor limits)."))),
@@ -220,6 +222,8 @@ impl Metrics {
             upstream_connections: self.upstream_connections.with_label_values(&[name]),
             rollbacks: self.rollbacks.with_label_values(&[name]),
             rollback_resets: self.rollback_resets.with_label_values(&[name]),
+            grpc_requests: self.grpc_requests.clone(),
+            grpc: (0..GRPC_SLOTS).map(|_| OnceLock::new()).collect(),
         }
     }
 
@@ -233,6 +237,9 @@ impl Metrics {
             .filter_map(|c| c.get().map(|(code, _)| *code))
         {
             let _ = self.requests.remove_label_values(&[name, code_label(code)]);
+        }
+        for (label, _) in vm.grpc.iter().filter_map(|c| c.get()) {
+            let _ = self.grpc_requests.remove_label_values(&[name, label]);
         }
         for kind in UpstreamErrorKind::ALL {
             let _ = self
@@ -381,6 +388,10 @@ pub struct VersionMetrics {
     pub upstream_connections: IntCounter,
     pub rollbacks: IntCounter,
     pub rollback_resets: IntCounter,
+    grpc_requests: IntCounterVec,
+    /// `canary_proxy_grpc_requests_total` of this version by status slot
+    /// (the 17 codes, then "other"), created on first use.
+    grpc: Box<[OnceLock<(&'static str, IntCounter)>]>,
 }
 
 impl std::fmt::Debug for VersionMetrics {
@@ -389,7 +400,22 @@ impl std::fmt::Debug for VersionMetrics {
     }
 }
 
+/// The 17 gRPC status codes and "other".
+const GRPC_SLOTS: usize = 18;
+
 impl VersionMetrics {
+    /// One gRPC call answered with `grpc_status` (its slot and label).
+    pub(crate) fn grpc_answered(&self, slot: usize, label: &'static str) {
+        let (_, counter) = self.grpc[slot.min(GRPC_SLOTS - 1)].get_or_init(|| {
+            (
+                label,
+                self.grpc_requests
+                    .with_label_values(&[self.name.as_str(), label]),
+            )
+        });
+        counter.inc();
+    }
+
     /// One answered request: counted by code, and its duration observed.
     pub fn answered(&self, code: u16, elapsed: Duration) {
         let slot = (code as usize)

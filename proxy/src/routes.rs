@@ -34,6 +34,9 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
 
+use crate::grpc_status::GrpcCodes;
+use crate::upstream::Protocol;
+
 /// Weights are relative; this cap keeps sums far from overflow and catches
 /// a stray digit (a weight of 10 billion is a typo, not a policy).
 pub(crate) const MAX_WEIGHT: u64 = 1_000_000;
@@ -90,6 +93,8 @@ pub(crate) struct VersionSpec {
     pub weight: u64,
     /// Send the upstream's authority as `Host` instead of the client's.
     pub rewrite_host: bool,
+    /// How the proxy speaks to the upstream.
+    pub(crate) protocol: Protocol,
 }
 
 /// An upstream base URL reduced to what the proxy uses: scheme and authority.
@@ -116,6 +121,8 @@ pub(crate) struct RollbackPolicy {
     /// The span of the counts the target comparison and `/status` use.
     pub(crate) window: Duration,
     pub(crate) error_codes: ErrorCodes,
+    /// The gRPC statuses that count as errors (see `forward::grpc`).
+    pub(crate) grpc_error_codes: GrpcCodes,
     /// How strong the evidence must be (see `guard`).
     pub(crate) trip_odds: f64,
     /// Hold a decision while the target fails at least as much.
@@ -357,12 +364,13 @@ macro_rules! raw_table {
 
 raw_table!(
     /// `[versions.NAME]`
-    RawVersion { upstream, weight, rewrite_host }
+    RawVersion { upstream, weight, rewrite_host, protocol }
 );
 
 raw_table!(
     /// `[rollback]`
     RawRollback {
+        grpc_error_codes,
         target,
         error_rate,
         min_requests,
@@ -486,12 +494,28 @@ fn validate(raw: RawRoutes, lines: &LineIndex) -> Result<RouteTable, Vec<Problem
                 }
             },
         };
+        let protocol = match raw.protocol {
+            None => Protocol::Http1,
+            Some(v) => match v.get_ref().as_str() {
+                Some("http1") => Protocol::Http1,
+                Some("h2c") => Protocol::H2c,
+                _ => {
+                    problems.add(
+                        format!("{key}.protocol"),
+                        Some(v.span()),
+                        format!("{} is not a protocol; use \"http1\" (HTTP/1.1, the default) or \"h2c\" (HTTP/2 with prior knowledge, for gRPC)", show(v.get_ref())),
+                    );
+                    Protocol::Http1
+                }
+            },
+        };
         if let (Some(upstream), Some(weight)) = (upstream, weight) {
             versions.push(VersionSpec {
                 name,
                 upstream,
                 weight,
                 rewrite_host,
+                protocol,
             });
         }
     }
@@ -626,6 +650,30 @@ fn validate_rollback(
             }
         }
     };
+    let grpc_error_codes = match &raw.grpc_error_codes {
+        None => GrpcCodes::default(),
+        Some(v) => {
+            let items: Option<Vec<String>> = v.get_ref().as_array().map(|a| {
+                a.iter()
+                    .map(|i| {
+                        i.as_str()
+                            .map(str::to_owned)
+                            .unwrap_or_else(|| i.to_string())
+                    })
+                    .collect()
+            });
+            match items
+                .ok_or_else(|| "must be a list like [\"INTERNAL\", \"UNAVAILABLE\"]".to_string())
+                .and_then(|i| GrpcCodes::parse(&i))
+            {
+                Ok(set) => set,
+                Err(why) => {
+                    problems.add("rollback.grpc_error_codes", Some(v.span()), why);
+                    GrpcCodes::default()
+                }
+            }
+        }
+    };
     let trip_odds = match &raw.trip_odds {
         None => DEFAULT_TRIP_ODDS,
         Some(v) => match number(v.get_ref()) {
@@ -690,6 +738,7 @@ fn validate_rollback(
         min_requests,
         window,
         error_codes,
+        grpc_error_codes,
         trip_odds,
         compare_target,
         latency,
@@ -1047,11 +1096,15 @@ impl RouteTable {
         for v in &self.versions {
             let share = 100.0 * v.weight as f64 / total;
             out.push_str(&format!(
-                "  {:<16} weight {:>7}  {:>8.3}%  -> {}{}\n",
+                "  {:<16} weight {:>7}  {:>8.3}%  -> {}{}{}\n",
                 v.name,
                 v.weight,
                 share,
                 v.upstream,
+                match v.protocol {
+                    Protocol::Http1 => "",
+                    Protocol::H2c => " over h2c",
+                },
                 if v.rewrite_host {
                     " (Host rewritten)"
                 } else {
@@ -1070,9 +1123,13 @@ impl RouteTable {
                     humantime::format_duration(r.window),
                     r.error_codes
                 ));
+                out.push_str(&format!(
+                    "grpc: calls that end with grpc-status {} are errors too\n",
+                    r.grpc_error_codes
+                ));
                 if let Some(l) = &r.latency {
                     out.push_str(&format!(
-                        "latency: also when more than {} of its answers are shown slower than {} (time to the response head)\n",
+                        "latency: also when more than {} of its answers are shown slower than {} (time to the response head; for a gRPC call, to its first message or its trailers)\n",
                         l.slow_rate,
                         humantime::format_duration(l.slower_than)
                     ));

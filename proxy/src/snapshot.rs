@@ -16,6 +16,7 @@ use crate::guard::{Counts, Criterion, Judgment};
 use crate::metrics::VersionMetrics;
 use crate::routes::{RollbackPolicy, RouteTable};
 use crate::split::Split;
+use crate::upstream::Protocol;
 
 #[derive(Debug)]
 pub(crate) struct Snapshot {
@@ -44,6 +45,7 @@ pub(crate) struct VersionRuntime {
     /// The upstream authority as a header value, for `rewrite_host`.
     pub(crate) authority_header: HeaderValue,
     pub(crate) rewrite_host: bool,
+    pub(crate) protocol: Protocol,
     pub(crate) metrics: Arc<VersionMetrics>,
     /// The version's evidence and decision; shared by every snapshot until
     /// the version's entry or the policy changes.

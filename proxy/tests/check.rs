@@ -519,3 +519,57 @@ fn the_demo_routes_file_is_valid() {
         c.stdout
     );
 }
+
+#[test]
+fn protocol_is_http1_or_h2c_and_shown() {
+    rejects(
+        &format!("{STABLE}protocol = \"h2\"\n"),
+        &["versions.stable.protocol", "\"h2c\"", "\"http1\""],
+    );
+    rejects(
+        &format!("{STABLE}protocol = 2\n"),
+        &["versions.stable.protocol"],
+    );
+    let c = check(&format!(
+        "{STABLE}protocol = \"h2c\"\n\n[versions.canary]\nupstream = \"http://127.0.0.1:18082\"\nweight = 10\nprotocol = \"http1\"\n"
+    ));
+    assert_eq!(c.code, Some(0), "{}", c.stderr);
+    assert!(
+        c.stdout.contains("127.0.0.1:18081 over h2c\n"),
+        "{}",
+        c.stdout
+    );
+    assert!(c.stdout.contains("127.0.0.1:18082\n"), "{}", c.stdout);
+}
+
+#[test]
+fn grpc_error_codes_take_names_or_numbers_and_default_to_server_faults() {
+    rejects(
+        &with_rollback("grpc_error_codes = [\"INTERNAL\", \"NOPE\"]"),
+        &["rollback.grpc_error_codes", "`NOPE`", "0 to 16"],
+    );
+    rejects(
+        &with_rollback("grpc_error_codes = [17]"),
+        &["rollback.grpc_error_codes", "`17`"],
+    );
+    rejects(
+        &with_rollback("grpc_error_codes = \"INTERNAL\""),
+        &["rollback.grpc_error_codes", "list"],
+    );
+    let c = check(&with_rollback(""));
+    assert!(
+        c.stdout.contains(
+            "grpc-status UNKNOWN, DEADLINE_EXCEEDED, INTERNAL, UNAVAILABLE, DATA_LOSS are errors"
+        ),
+        "{}",
+        c.stdout
+    );
+    let c = check(&with_rollback("grpc_error_codes = [\"internal\", 5]"));
+    assert_eq!(c.code, Some(0), "{}", c.stderr);
+    assert!(
+        c.stdout
+            .contains("grpc-status NOT_FOUND, INTERNAL are errors"),
+        "{}",
+        c.stdout
+    );
+}

@@ -2,7 +2,8 @@
 //! split and pong over h2 and HTTP/1.1, ALPN seen from the client side,
 //! rotation through a kubelet-style Secret swap with no failed connection,
 //! a bad pair keeping the old certificate, refused plaintext and protocol
-//! mismatches, the handshake timeout, and fatal start-up errors.
+//! mismatches, the handshake timeout, fatal start-up errors, and gRPC over
+//! the TLS front door to an h2c upstream.
 
 mod common;
 
@@ -797,4 +798,41 @@ async fn the_binary_serves_https_only_from_its_flags() {
         !log.iter().any(|l| l.contains("serving traffic")),
         "--listen none: no plain listener; log: {log:#?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_over_tls_with_alpn_h2_reaches_an_h2c_upstream() {
+    use common::grpc::*;
+    let up = grpc_upstream("stable", Behaviour::default()).await;
+    let pki = Pki::new();
+    let leaf = pki.issue(1);
+    let proxy = TlsProxy::start(
+        &h2c_routes(&[("stable", up.addr, 100)], None),
+        &leaf,
+        |_| {},
+    )
+    .await;
+    let ch = tls_channel(proxy.https, client_config(&pki.ca_der(), &[b"h2"])).await;
+    let answer = unary(&ch, "over tls").await.expect("a unary call over TLS");
+    assert_eq!(answer.get_ref().text, "stable:over tls");
+    assert_eq!(answer.metadata().get("x-served-by").unwrap(), "stable");
+    let mut bidi = Bidi::open(&ch)
+        .await
+        .expect("a bidirectional call over TLS");
+    for word in ["one", "two"] {
+        assert_eq!(bidi.say(word).await.unwrap(), format!("stable:{word}"));
+    }
+    let trailers = bidi.close().await.unwrap();
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0");
+    assert_eq!(trailers.get("x-served-by").unwrap(), "stable");
+    let text = metrics(proxy.admin).await;
+    assert_eq!(
+        sample(
+            &text,
+            "canary_proxy_grpc_requests_total",
+            &[("version", "stable"), ("grpc_status", "OK")]
+        ),
+        Some(2.0)
+    );
+    proxy.shutdown().await;
 }

@@ -34,6 +34,8 @@ pub(crate) struct RoutesView {
 pub(crate) struct VersionView {
     pub(crate) name: String,
     pub(crate) upstream: String,
+    /// How the proxy speaks to it: "http1" or "h2c".
+    pub(crate) protocol: &'static str,
     /// As configured, and its share of the configured total (0..1).
     pub(crate) weight: u64,
     pub(crate) share: f64,
@@ -147,6 +149,7 @@ impl Status {
                 VersionView {
                     name: spec.name.clone(),
                     upstream: spec.upstream.to_string(),
+                    protocol: spec.protocol.as_str(),
                     weight: spec.weight,
                     share,
                     effective_weight: snap.effective[rt.index],

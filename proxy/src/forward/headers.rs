@@ -32,6 +32,7 @@ use http::{Request, Uri, Version};
 
 use super::{ConnInfo, UpstreamBody};
 use crate::snapshot::VersionRuntime;
+use crate::upstream::Protocol;
 
 /// Headers that describe one connection, not the message (RFC 9110
 /// section 7.6.1). A proxy must not forward them.
@@ -160,16 +161,14 @@ pub(super) fn build_request(
     mut headers: HeaderMap,
     version: &VersionRuntime,
     host: Option<&HeaderValue>,
+    te_trailers: bool,
     body: UpstreamBody,
 ) -> Request<UpstreamBody> {
     // Reuse the parsed path instead of formatting and re-parsing a URI.
-    // hyper writes the URI as given: origin-form (`/path?query`), which is
-    // what an HTTP/1.1 request to an origin server carries (RFC 9112 3.2.1).
-    let upstream_uri = Uri::from(
-        uri.path_and_query()
-            .cloned()
-            .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-    );
+    let path = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"));
     // Host as the client sent it, unless the version asks for rewriting.
     let host = if version.rewrite_host {
         Some(&version.authority_header)
@@ -177,14 +176,76 @@ pub(super) fn build_request(
         host
     };
     let host = host.unwrap_or(&version.authority_header);
-    headers.insert(header::HOST, host.clone());
     let mut req = Request::new(body);
     *req.method_mut() = method;
-    *req.uri_mut() = upstream_uri;
-    // Upstreams speak HTTP/1.1; an h2 client is downgraded here.
-    *req.version_mut() = Version::HTTP_11;
+    match version.protocol {
+        Protocol::Http1 => {
+            // hyper writes the URI as given: origin-form (`/path?query`),
+            // what an HTTP/1.1 request to an origin server carries (RFC 9112
+            // 3.2.1). An h2 client is downgraded here.
+            *req.uri_mut() = Uri::from(path);
+            *req.version_mut() = Version::HTTP_11;
+            headers.insert(header::HOST, host.clone());
+        }
+        Protocol::H2c => {
+            // HTTP/2 names the host in `:authority`, which hyper takes from
+            // the URI's authority (RFC 9113 8.3.1); a Host header beside it
+            // would have to agree, so there is none.
+            let authority = http::uri::Authority::try_from(host.as_bytes())
+                .unwrap_or_else(|_| version.authority.clone());
+            *req.uri_mut() = Uri::builder()
+                .scheme(http::uri::Scheme::HTTP)
+                .authority(authority)
+                .path_and_query(path)
+                .build()
+                .expect("scheme, authority and path make a URI");
+            *req.version_mut() = Version::HTTP_2;
+            headers.remove(header::HOST);
+            // The one TE value HTTP/2 allows (RFC 9113 8.2.2), and the one a
+            // gRPC server requires: passed on when the client sent it.
+            if te_trailers {
+                headers.insert(header::TE, HeaderValue::from_static("trailers"));
+            }
+        }
+    }
     *req.headers_mut() = headers;
     req
+}
+
+/// Whether the client's TE header asks for trailers, read before the
+/// hop-by-hop headers go.
+pub(super) fn wants_trailers(headers: &HeaderMap) -> bool {
+    headers.get_all(header::TE).iter().any(|v| {
+        v.to_str().is_ok_and(|s| {
+            s.split(',').any(|t| {
+                t.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case("trailers")
+            })
+        })
+    })
+}
+
+/// A request that failed to connect, sent to `version` instead: the same
+/// method, path, headers and body (none of which left the proxy).
+pub(super) fn retarget(
+    req: Request<UpstreamBody>,
+    version: &VersionRuntime,
+    host: Option<&HeaderValue>,
+    te_trailers: bool,
+) -> Request<UpstreamBody> {
+    let (parts, body) = req.into_parts();
+    build_request(
+        parts.method,
+        &parts.uri,
+        parts.headers,
+        version,
+        host,
+        te_trailers,
+        body,
+    )
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@
 //! read it).
 
 mod answer;
+mod grpc;
 mod headers;
 mod log_limit;
 mod observe;
@@ -56,7 +57,7 @@ use crate::upstream::{ConnectError, PooledBody, SendBody, SendError, UpstreamCon
 use answer::RequestId;
 use log_limit::LogKind;
 pub(crate) use observe::ObservedBody;
-use observe::{Evidence, Observation, Pending, Recorder, Recording};
+use observe::{Evidence, GrpcSeen, Observation, Pending, Recorder, Recording};
 use retry::Retry;
 use target::Refusal;
 use upload::{ClientBody, UploadState};
@@ -156,6 +157,21 @@ struct Plan {
     /// Idempotent and bodiless: may go out again on a new connection if a
     /// long-idle pooled one was closed under it (see `upstream`).
     replayable: bool,
+    /// The rollback target, when the first version is not it and a retry
+    /// there can happen at all.
+    target: Option<usize>,
+    call: Call,
+}
+
+/// What the request asked for that outlives its hop-by-hop headers.
+#[derive(Debug, Clone, Copy)]
+struct Call {
+    /// A gRPC call (see `grpc`).
+    grpc: bool,
+    /// The client's TE asked for trailers (gRPC clients do).
+    te_trailers: bool,
+    /// The call's own deadline (`grpc-timeout`).
+    deadline: Option<Duration>,
 }
 
 /// An exchange that produced no upstream response, by whose fault.
@@ -328,6 +344,11 @@ impl Forwarder {
         };
         let upgrade = upgrade::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
+        let call = Call {
+            grpc: grpc::is_grpc(&parts.headers),
+            te_trailers: headers::wants_trailers(&parts.headers),
+            deadline: grpc::timeout(&parts.headers),
+        };
         headers::prepare_headers(
             &mut parts.headers,
             conn,
@@ -336,19 +357,20 @@ impl Forwarder {
         );
         let replayable =
             retry::is_idempotent(&parts.method) && body.is_end_stream() && upgrade.is_none();
-        // Keep what a retry on the target needs, only where one can happen:
-        // a non-target version and a request with no body to replay.
-        let retry = match snap.target() {
-            Some(target) if target.index != index && body.is_end_stream() && upgrade.is_none() => {
-                Some(Retry {
-                    method: parts.method.clone(),
-                    uri: parts.uri.clone(),
-                    headers: parts.headers.clone(),
-                    target: target.index,
-                })
-            }
-            _ => None,
-        };
+        // A retry on the target can happen from a version that is not the
+        // target, and not for an upgrade.
+        let target = snap
+            .target()
+            .filter(|t| t.index != index && upgrade.is_none())
+            .map(|t| t.index);
+        // A failure to connect hands the request back, body and all; after
+        // a reset only a copy can go again, kept only for a request with no
+        // body to replay.
+        let retry = (target.is_some() && body.is_end_stream()).then(|| Retry {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            headers: parts.headers.clone(),
+        });
         let first = &snap.versions[index];
         first.metrics.in_flight.inc();
         let (body, upload) = upload::watch(body, self.config.pace());
@@ -358,6 +380,7 @@ impl Forwarder {
             parts.headers,
             first,
             original_host.as_ref(),
+            call.te_trailers,
             Either::Left(body),
         );
         let pending = Pending::new(Recording {
@@ -374,6 +397,8 @@ impl Forwarder {
             original_host,
             retry,
             replayable,
+            target,
+            call,
         })
     }
 
@@ -383,14 +408,21 @@ impl Forwarder {
     ) -> Result<Response<ObservedBody>, Infallible> {
         let snap = plan.pending.recording().snap.clone();
         let first = &snap.versions[plan.pending.recording().index];
-        let limit = self.config.upstream_timeout.unwrap_or(Duration::MAX);
+        // A gRPC call's own deadline can only shorten the wait.
+        let limit = match (self.config.upstream_timeout, plan.call.deadline) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b).unwrap_or(Duration::MAX),
+        };
         // One `.await` serves the first attempt and the retry, so this
         // future holds room for one exchange, not two.
         let outcome = loop {
             let attempt = &snap.versions[plan.pending.recording().index];
+            // The request, when a failure to connect gave it back.
+            let mut unsent = None;
             // No limit is a deadline that never comes: one path for both.
             let exchange = self.upstreams.send(
                 &attempt.authority,
+                attempt.protocol,
                 plan.request,
                 &attempt.metrics.upstream_connections,
                 plan.upgrade.is_some(),
@@ -406,7 +438,10 @@ impl Forwarder {
                     Err(Failure::UnaskedUpgrade)
                 }
                 Ok(Ok(resp)) => Ok(resp),
-                Ok(Err(SendError::Connect(e))) => Err(Failure::Connect(e)),
+                Ok(Err(SendError::Connect(e, returned))) => {
+                    unsent = returned.map(|b| *b);
+                    Err(Failure::Connect(e))
+                }
                 Ok(Err(SendError::Exchange(e))) => Err(match plan.upload.fault(false) {
                     Some(kind) => Failure::Client(kind, Some(e)),
                     None => Failure::Reset(e),
@@ -420,28 +455,47 @@ impl Forwarder {
                 Err(failure) => failure,
                 Ok(_) => break outcome,
             };
-            let Some(retry) = plan.retry.take().filter(|r| r.allowed_after(failure)) else {
+            let Some(target) = plan.target.take() else {
                 break outcome;
+            };
+            let target_rt = &snap.versions[target];
+            let again = match (failure, unsent, plan.retry.take()) {
+                // Nothing left the proxy: the very request goes, whatever
+                // its method and body.
+                (Failure::Connect(_), Some(request), _) => headers::retarget(
+                    request,
+                    target_rt,
+                    plan.original_host.as_ref(),
+                    plan.call.te_trailers,
+                ),
+                (failure, _, Some(copy)) if copy.allowed_after(failure) => headers::build_request(
+                    copy.method,
+                    &copy.uri,
+                    copy.headers,
+                    target_rt,
+                    plan.original_host.as_ref(),
+                    plan.call.te_trailers,
+                    Either::Right(Empty::new()),
+                ),
+                _ => break outcome,
             };
             // The target answers instead of the client seeing a 502. The
             // failure still counts against the failed version.
-            let target_rt = &snap.versions[retry.target];
             if log_limit::allow(Some(&first.name), LogKind::Retry) {
                 tracing::warn!(version = %first.name, target = %target_rt.name, error = %failure.describe(first), "upstream failed before answering; retrying once on the rollback target");
             }
             self.record_failed_attempt(plan.pending.recording(), failure);
             first.metrics.retries.inc();
-            plan.pending.switch_to(retry.target);
-            plan.request = headers::build_request(
-                retry.method,
-                &retry.uri,
-                retry.headers,
-                target_rt,
-                plan.original_host.as_ref(),
-                Either::Right(Empty::new()),
-            );
+            plan.pending.switch_to(target);
+            plan.request = again;
         };
-        Ok(self.respond(plan.pending.answered(), plan.upgrade, plan.upload, outcome))
+        Ok(self.respond(
+            plan.pending.answered(),
+            plan.upgrade,
+            plan.upload,
+            plan.call,
+            outcome,
+        ))
     }
 
     /// The client's response: the upstream's, or the proxy's own answer to
@@ -451,6 +505,7 @@ impl Forwarder {
         rec: Recording,
         upgrade: Option<hyper::upgrade::OnUpgrade>,
         upload: UploadState,
+        call: Call,
         outcome: Result<Response<PooledBody<UpstreamBody>>, Failure>,
     ) -> Response<ObservedBody> {
         let waited = rec.start.elapsed();
@@ -477,11 +532,18 @@ impl Forwarder {
                 } else {
                     headers::prepare_response(resp.headers_mut());
                 }
+                // A trailers-only gRPC answer has its status in the headers;
+                // any other has it in the trailers, which the observation
+                // reads as they pass.
+                let grpc = call
+                    .grpc
+                    .then(|| GrpcSeen::new(grpc::status_of(resp.headers())));
                 let obs = Observation {
                     rec,
                     status: status.as_u16(),
                     evidence: Some(Evidence { error, waited }),
                     upload,
+                    grpc,
                 };
                 resp.map(|b| Hooked::new(Either::Left(b), obs))
             }
@@ -510,14 +572,27 @@ impl Forwarder {
                         })
                     }
                 };
+                // A gRPC call gets the answer gRPC clients expect from a
+                // proxy for the upstream's failures: 200 with a grpc-status.
+                let grpc_code = (call.grpc && evidence.is_some()).then_some(match failure {
+                    Failure::Timeout(_) => grpc::DEADLINE_EXCEEDED,
+                    _ => grpc::UNAVAILABLE,
+                });
+                let (answered, response) = match grpc_code {
+                    Some(code) => (
+                        StatusCode::OK,
+                        grpc::failure_response(code, failure.text(), id),
+                    ),
+                    None => (status, answer::response(status, failure.text(), id)),
+                };
                 let obs = Observation {
                     rec,
-                    status: status.as_u16(),
+                    status: answered.as_u16(),
                     evidence,
                     upload,
+                    grpc: grpc_code.map(|c| GrpcSeen::new(Some(grpc::Code(c)))),
                 };
-                answer::response(status, failure.text(), id)
-                    .map(|b| Hooked::new(Either::Right(b), obs))
+                response.map(|b| Hooked::new(Either::Right(b), obs))
             }
         }
     }

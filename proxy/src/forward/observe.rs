@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{Either, Full};
 
+use super::grpc;
 use super::log_limit::{self, LogKind};
 use super::upload::UploadState;
 use super::UpstreamBody;
@@ -135,6 +136,30 @@ pub(crate) struct Observation {
     /// answer while the request body still arrives (an echo) fails mid-body
     /// when the client breaks its body off, and that is the client's doing.
     pub(crate) upload: UploadState,
+    /// For a gRPC call: the `grpc-status` seen so far.
+    pub(crate) grpc: Option<GrpcSeen>,
+}
+
+/// What the observation learns of a gRPC call as its answer passes.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GrpcSeen {
+    /// The `grpc-status`: from the headers of a trailers-only answer, or
+    /// from the trailers.
+    status: Option<grpc::Code>,
+    /// When the first frame after the head passed: the first message, or
+    /// the trailers. A gRPC server sends its response head early, before
+    /// the call's work is done, so this is when the call answered (see
+    /// [`Observation::finish`]).
+    answered: Option<Duration>,
+}
+
+impl GrpcSeen {
+    pub(crate) fn new(status: Option<grpc::Code>) -> Self {
+        GrpcSeen {
+            status,
+            answered: None,
+        }
+    }
 }
 
 /// An answer's evidence, as far as its head: the body may still fail.
@@ -146,7 +171,44 @@ pub(crate) struct Evidence {
 }
 
 impl Observation {
+    /// Count a gRPC call by its status (an answer that ended without one
+    /// is `other`), and say whether that status is an error of the version.
+    fn grpc_error(&self) -> bool {
+        let Some(seen) = self.grpc else {
+            return false;
+        };
+        let code = seen.status.unwrap_or(grpc::Code::OTHER);
+        self.rec
+            .version()
+            .metrics
+            .grpc_answered(code.slot(), code.label());
+        match self.rec.snap.policy() {
+            Some(policy) => policy.grpc_error_codes.contains(code),
+            None => grpc::GrpcCodes::default().contains(code),
+        }
+    }
+
+    /// How long the version took to answer, for the latency objective: the
+    /// time to the response head, except for a gRPC call, whose head says
+    /// nothing. There it is the time to the call's first message or its
+    /// trailers: for a unary call, the time to its answer (the message and
+    /// the trailers go out together); for a streaming call, the time to its
+    /// first message, since a stream may stay open as long as its client
+    /// wants. A call that ended with neither answered at its end, unless its
+    /// head held its status (a trailers-only answer).
+    fn waited(&self, head: Duration) -> Duration {
+        match self.grpc {
+            // A trailers-only answer (its status in the head) answered then.
+            Some(seen) => seen.answered.unwrap_or(match seen.status {
+                Some(_) => head,
+                None => self.rec.start.elapsed(),
+            }),
+            None => head,
+        }
+    }
+
     fn finish(self, failed_mid_body: bool) {
+        let grpc_error = self.grpc_error();
         let client_fault = failed_mid_body.then(|| self.upload.fault(false)).flatten();
         let outcome = match (self.evidence, client_fault) {
             (_, Some(kind)) => {
@@ -161,8 +223,8 @@ impl Observation {
                         .upstream_error(UpstreamErrorKind::Reset);
                 }
                 Outcome {
-                    error: Some(e.error || failed_mid_body),
-                    waited: Some(e.waited),
+                    error: Some(e.error || failed_mid_body || grpc_error),
+                    waited: Some(self.waited(e.waited)),
                     unanswered: false,
                 }
             }
@@ -173,6 +235,17 @@ impl Observation {
 }
 
 impl BodyHook<Box<dyn std::error::Error + Send + Sync>> for Observation {
+    fn on_frame(&mut self, trailers: Option<&http::HeaderMap>) {
+        if let Some(seen) = &mut self.grpc {
+            if seen.answered.is_none() {
+                seen.answered = Some(self.rec.start.elapsed());
+            }
+            if let Some(code) = trailers.and_then(grpc::status_of) {
+                seen.status = Some(code);
+            }
+        }
+    }
+
     fn end(self, how: End<'_, Box<dyn std::error::Error + Send + Sync>>) {
         match how {
             End::Complete | End::Dropped { .. } => self.finish(false),

@@ -7,13 +7,12 @@ use http::{HeaderMap, Method, Uri};
 
 use super::Failure;
 
-/// What a retry on the rollback target resends (a bodiless request).
+/// What a retry on the rollback target resends after a reset: a copy of a
+/// bodiless request. (A failure to connect hands back the request itself.)
 pub(super) struct Retry {
     pub(super) method: Method,
     pub(super) uri: Uri,
     pub(super) headers: HeaderMap,
-    /// Index of the target version.
-    pub(super) target: usize,
 }
 
 impl Retry {

@@ -1,6 +1,8 @@
-//! Keep-alive connections to the upstreams, reused across requests.
+//! Connections to the upstreams, reused across requests: HTTP/1.1
+//! keep-alive connections here, and multiplexed HTTP/2 connections for a
+//! version with `protocol = "h2c"` in [`http2`].
 //!
-//! Each connection is driven by whoever is using it, not by a task of its
+//! Each HTTP/1.1 connection is driven by whoever is using it, not by a task of its
 //! own: the request's task while it waits for the response head, then the
 //! response body, as the client connection reads it. So the upstream side of
 //! a request costs no task switch at all. hyper-util's pooled client runs
@@ -32,6 +34,28 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::body::{BodyHook, End, Hooked};
+
+pub(crate) mod http2;
+mod lent;
+
+/// How the proxy speaks to a version's upstream (`protocol` in the routes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Protocol {
+    /// HTTP/1.1, one request per connection at a time (the default).
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge, many requests per connection (gRPC).
+    H2c,
+}
+
+impl Protocol {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Http1 => "http1",
+            Protocol::H2c => "h2c",
+        }
+    }
+}
 
 /// What a request body sent upstream must be. The pool does not care which
 /// body it is: the request path decides (the client's, or none on a retry).
@@ -69,15 +93,22 @@ pub(crate) struct UpstreamConfig {
 }
 
 /// Why no response came back.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum SendError {
-    /// Nothing reached the upstream.
-    #[error("{0}")]
-    Connect(#[from] ConnectError),
+pub(crate) enum SendError<B> {
+    /// Nothing reached the upstream. The request comes back when the pool
+    /// still had it, so that it can go elsewhere, body and all.
+    Connect(ConnectError, Option<Box<Request<B>>>),
     /// The connection failed after the request was (maybe partly) sent and
     /// before the response head arrived.
-    #[error("{0}")]
-    Exchange(#[source] hyper::Error),
+    Exchange(hyper::Error),
+}
+
+impl<B> std::fmt::Debug for SendError<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SendError::Connect(e, _) => f.debug_tuple("Connect").field(e).finish(),
+            SendError::Exchange(e) => f.debug_tuple("Exchange").field(e).finish(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -88,8 +119,13 @@ pub(crate) enum ConnectError {
     // second time as this error's source in the logged chain.
     #[error(transparent)]
     Io(#[from] std::io::Error),
-    #[error("HTTP/1.1 handshake failed")]
+    #[error("the handshake failed")]
     Handshake(#[source] hyper::Error),
+    #[error("every HTTP/2 connection tried ended before the request could start")]
+    Closed,
+    /// The connect this request waited for, opened by another, failed.
+    #[error("{0}")]
+    Shared(String),
 }
 
 /// The idle connections of every upstream, by authority. One pool for all
@@ -98,6 +134,7 @@ pub(crate) enum ConnectError {
 #[derive(Debug)]
 pub(crate) struct Upstreams<B: SendBody> {
     idle: Mutex<HashMap<Authority, Vec<Idle<B>>>>,
+    h2: http2::Pool<B>,
     config: UpstreamConfig,
 }
 
@@ -152,6 +189,7 @@ impl<B: SendBody> Upstreams<B> {
     pub(crate) fn new(config: UpstreamConfig) -> Arc<Self> {
         Arc::new(Upstreams {
             idle: Mutex::new(HashMap::new()),
+            h2: http2::Pool::new(config.connect_timeout, config.idle_timeout),
             config,
         })
     }
@@ -164,14 +202,20 @@ impl<B: SendBody> Upstreams<B> {
     ///
     /// The response's body keeps the connection and drives it while the
     /// client reads; at its end the connection goes back to the pool.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn send(
         self: &Arc<Self>,
         authority: &Authority,
+        protocol: Protocol,
         req: Request<B>,
         opened: &prometheus::IntCounter,
         upgrade: bool,
         replayable: bool,
-    ) -> Result<Response<PooledBody<B>>, SendError> {
+    ) -> Result<Response<PooledBody<B>>, SendError<B>> {
+        if protocol == Protocol::H2c {
+            let (resp, stream) = self.h2.send(authority, req, opened).await?;
+            return Ok(resp.map(|body| Hooked::new(body, Held::H2 { _stream: stream })));
+        }
         if upgrade {
             // Boxed for the same reason as a new connection, below.
             return Box::pin(self.send_upgrade(authority, req, opened)).await;
@@ -199,7 +243,10 @@ impl<B: SendBody> Upstreams<B> {
         // Boxed: connecting is rare with a warm pool, and its future (name
         // lookup included) would otherwise make the future of every request,
         // which is copied, kilobytes larger.
-        let conn = Box::pin(self.connect(authority)).await?;
+        let conn = match Box::pin(self.connect(authority)).await {
+            Ok(conn) => conn,
+            Err(e) => return Err(SendError::Connect(e, Some(Box::new(req)))),
+        };
         opened.inc();
         self.exchange(conn, authority, req)
             .await
@@ -229,7 +276,7 @@ impl<B: SendBody> Upstreams<B> {
             home: self.clone(),
             authority: authority.clone(),
         };
-        Ok(resp.map(|body| Hooked::new(body, lease)))
+        Ok(resp.map(|body| Hooked::new(body, Held::H1(lease))))
     }
 
     /// Send an upgrade request (WebSocket) on a connection of its own, run in
@@ -240,10 +287,13 @@ impl<B: SendBody> Upstreams<B> {
         authority: &Authority,
         req: Request<B>,
         opened: &prometheus::IntCounter,
-    ) -> Result<Response<PooledBody<B>>, SendError> {
+    ) -> Result<Response<PooledBody<B>>, SendError<B>> {
         let Conn {
             mut sender, driver, ..
-        } = self.connect(authority).await?;
+        } = match self.connect(authority).await {
+            Ok(conn) => conn,
+            Err(e) => return Err(SendError::Connect(e, Some(Box::new(req)))),
+        };
         opened.inc();
         if let Some(driver) = driver {
             tokio::spawn(async move {
@@ -300,21 +350,7 @@ impl<B: SendBody> Upstreams<B> {
     }
 
     async fn connect(&self, authority: &Authority) -> Result<Conn<B>, ConnectError> {
-        let port = authority.port_u16().unwrap_or(80);
-        // An IPv6 literal comes bracketed in an authority.
-        let host = authority
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let limit = self.config.connect_timeout;
-        let stream = tokio::time::timeout(limit, TcpStream::connect((host, port)))
-            .await
-            .map_err(|_| ConnectError::Timeout(limit))??;
-        // Small request/response exchanges: never let Nagle hold a segment.
-        stream.set_nodelay(true)?;
-        // Notice an upstream host that vanished while a connection idles.
-        let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
-        socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
+        let stream = connect_tcp(authority, self.config.connect_timeout).await?;
         let (sender, driver) = http1::Builder::new()
             // One write per message: the heads and bodies a proxy relays are
             // small, and copying them together is cheaper than writev.
@@ -339,6 +375,8 @@ impl<B: SendBody> Upstreams<B> {
             list.retain_mut(|idle| idle.since.elapsed() <= limit && idle.conn.drive(&mut cx));
         }
         pool.retain(|_, list| !list.is_empty());
+        drop(pool);
+        self.h2.sweep();
     }
 
     /// Idle connections now.
@@ -366,6 +404,25 @@ impl<B: SendBody> Upstreams<B> {
             }
         });
     }
+}
+
+/// A TCP connection to `authority`, set up for a proxy's exchanges.
+async fn connect_tcp(authority: &Authority, limit: Duration) -> Result<TcpStream, ConnectError> {
+    let port = authority.port_u16().unwrap_or(80);
+    // An IPv6 literal comes bracketed in an authority.
+    let host = authority
+        .host()
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let stream = tokio::time::timeout(limit, TcpStream::connect((host, port)))
+        .await
+        .map_err(|_| ConnectError::Timeout(limit))??;
+    // Small request/response exchanges: never let Nagle hold a segment.
+    stream.set_nodelay(true)?;
+    // Notice an upstream host that vanished while a connection idles.
+    let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
+    socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive)?;
+    Ok(stream)
 }
 
 /// The same request again, with an empty body: only for bodiless requests.
@@ -403,10 +460,34 @@ impl<B: SendBody> Lease<B> {
     }
 }
 
-/// The upstream's response body. Polling it also drives the connection it
-/// arrives on, which no other task does; at its end the connection goes back
-/// to the pool (see [`Lease`]). An upgrade's body has no lease.
-pub(crate) type PooledBody<B> = Hooked<Incoming, Lease<B>>;
+/// The upstream's response body. Polling an HTTP/1.1 one also drives the
+/// connection it arrives on, which no other task does; at its end the
+/// connection goes back to the pool (see [`Lease`]). An HTTP/2 one gives its
+/// stream back. An upgrade's body holds nothing.
+pub(crate) type PooledBody<B> = Hooked<Incoming, Held<B>>;
+
+/// What a response body holds of its connection.
+pub(crate) enum Held<B: SendBody> {
+    H1(Lease<B>),
+    /// Held for its drop, which frees the stream on its connection.
+    H2 {
+        _stream: http2::Stream,
+    },
+}
+
+impl<B: SendBody> BodyHook<hyper::Error> for Held<B> {
+    fn before_poll(&mut self, cx: &mut Context<'_>) {
+        if let Held::H1(lease) = self {
+            lease.before_poll(cx);
+        }
+    }
+
+    fn end(self, how: End<'_, hyper::Error>) {
+        if let Held::H1(lease) = self {
+            lease.end(how);
+        }
+    }
+}
 
 impl<B: SendBody> BodyHook<hyper::Error> for Lease<B> {
     fn before_poll(&mut self, cx: &mut Context<'_>) {
@@ -489,9 +570,16 @@ mod tests {
         path: &str,
         opened: &prometheus::IntCounter,
     ) -> Response<PooledBody<TestBody>> {
-        pool.send(authority, get(authority, path), opened, false, true)
-            .await
-            .expect("the upstream answers")
+        pool.send(
+            authority,
+            Protocol::Http1,
+            get(authority, path),
+            opened,
+            false,
+            true,
+        )
+        .await
+        .expect("the upstream answers")
     }
 
     #[tokio::test]
@@ -596,7 +684,14 @@ mod tests {
         // Not a request that may not be sent twice.
         tokio::time::sleep(STALE_AFTER + Duration::from_millis(100)).await;
         let once = pool
-            .send(&authority, get(&authority, "/"), &opened, false, false)
+            .send(
+                &authority,
+                Protocol::Http1,
+                get(&authority, "/"),
+                &opened,
+                false,
+                false,
+            )
             .await;
         assert!(
             matches!(once, Err(SendError::Exchange(_))),
