@@ -716,3 +716,27 @@ def test_walkthrough_routes_patches_are_valid(patch, tmp_path):
     assert routes["rollback"] == shipped, (
         f"{patch.name}: [rollback] differs from k8s/base/routes.toml's: {routes['rollback']} != {shipped}"
     )
+
+
+# --- tests: example routes files for other services ----------------------------------------------
+
+
+ROUTES_FILES = sorted(EXAMPLES.glob("*/routes.toml"))
+
+
+def test_example_routes_files_exist():
+    assert ROUTES_FILES, f"no example routes files under {EXAMPLES}/*/"
+
+
+@pytest.mark.parametrize("path", ROUTES_FILES, ids=[str(p.relative_to(EXAMPLES)) for p in ROUTES_FILES])
+def test_example_routes_files_pass_check(path, tmp_path):
+    """The routes files docs point to (k8s/examples/grpc/routes.toml for a
+    gRPC service) are valid for this build of `canary-proxy check`, and a
+    gRPC example speaks h2c to every version."""
+    text = path.read_text()
+    result = proxy_check(text, tmp_path)
+    assert result.returncode == 0, f"canary-proxy check rejects {path}:\n{result.stdout}{result.stderr}"
+    routes = tomllib.loads(text)
+    if path.parent.name == "grpc":
+        assert all(v.get("protocol") == "h2c" for v in routes["versions"].values()), routes
+        assert "over h2c" in result.stdout, result.stdout
