@@ -83,6 +83,10 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<()> {
         proxy.admin_addr()
     );
     println!();
+    println!(
+        "open:  http://{}/                              (the live status page, in a browser)",
+        proxy.admin_addr()
+    );
     println!("try:   curl -i http://{listen}/ping            (x-ping-version says who answered)");
     println!(
         "       curl http://{}/status                   (weights, windows, rollback)",

@@ -1,4 +1,5 @@
-//! The admin port: `/healthz`, `/readyz`, `/metrics` and `/status`.
+//! The admin port: `/healthz`, `/readyz`, `/metrics`, `/status`, and the
+//! status page at `/` (see [`page`]).
 //! It lives on a listener of its own so that it is never exposed through the
 //! LoadBalancer with the traffic port. It only reads: typed views of the
 //! published snapshot (`status`) and the metrics registry.
@@ -11,6 +12,7 @@
 //! [`MAX_LIFETIME`] per connection (a client that stops reading an answer
 //! cannot hold it).
 
+mod page;
 mod status;
 
 use std::convert::Infallible;
@@ -111,6 +113,9 @@ fn route(
             "only GET and HEAD are served on the admin port\n",
         );
     }
+    if let Some(asset) = page::asset(req.uri().path()) {
+        return page::response(asset);
+    }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" if readiness.is_ready() => text(StatusCode::OK, "ready\n"),
@@ -138,7 +143,7 @@ fn route(
         }
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; the admin port serves /healthz, /readyz, /metrics and /status\n",
+            "not found; the admin port serves / (the status page), /healthz, /readyz, /metrics and /status\n",
         ),
     }
 }

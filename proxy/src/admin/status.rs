@@ -13,6 +13,8 @@ use crate::snapshot::{RollbackRecord, Snapshot, VersionRuntime};
 
 #[derive(Debug, Serialize)]
 pub(crate) struct Status {
+    /// Seconds since the proxy started.
+    pub(crate) uptime_seconds: f64,
     pub(crate) routes: RoutesView,
     pub(crate) versions: Vec<VersionView>,
     /// `null` when the routes file has no `[rollback]` table.
@@ -173,6 +175,7 @@ impl Status {
             slow_rate: r.latency.as_ref().map(|l| l.slow_rate),
         });
         Status {
+            uptime_seconds: now.as_secs_f64(),
             routes: RoutesView {
                 hash: snap.table.hash.clone(),
                 loaded_at: rfc3339(snap.loaded_at),
