@@ -740,3 +740,77 @@ def test_example_routes_files_pass_check(path, tmp_path):
     if path.parent.name == "grpc":
         assert all(v.get("protocol") == "h2c" for v in routes["versions"].values()), routes
         assert "over h2c" in result.stdout, result.stdout
+
+
+# --- tests: alerts point at their runbook ---------------------------------------------------------
+
+
+def github_anchors(markdown: str) -> set[str]:
+    """The anchors GitHub makes of a page's headings: lower case, spaces to
+    hyphens, punctuation other than hyphens and underscores dropped."""
+    anchors = set()
+    for line in markdown.splitlines():
+        m = re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if m:
+            text = m.group(1).strip().lower()
+            anchors.add(re.sub(r"[^\w\- ]", "", text).replace(" ", "-"))
+    return anchors
+
+
+def test_every_alert_has_a_runbook_that_exists():
+    """Each shipped alert links the section of docs/troubleshooting.md that
+    says what to do, and describes what to look at first."""
+    rules = [d for d in crd_docs() if d["kind"] == "PrometheusRule"]
+    assert rules
+    for doc in rules:
+        for group in doc["spec"]["groups"]:
+            for rule in group["rules"]:
+                if "alert" not in rule:
+                    continue
+                annotations = rule.get("annotations", {})
+                assert "look" in annotations.get("description", "").lower(), (
+                    f"{rule['alert']}: the description must say what to look at first"
+                )
+                url = annotations.get("runbook_url", "")
+                page, _, anchor = url.partition("#")
+                assert page == "docs/troubleshooting.md" and anchor, (
+                    f"{rule['alert']}: runbook_url {url!r} is not docs/troubleshooting.md#<section>"
+                )
+                assert anchor in github_anchors((REPO / page).read_text()), (
+                    f"{rule['alert']}: docs/troubleshooting.md has no section #{anchor}"
+                )
+
+
+# --- tests: the autoscaler ------------------------------------------------------------------------
+
+
+def parse_cpu(value: str | int | float) -> float:
+    text = str(value)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def test_autoscaler_scales_the_proxy_on_cpu_within_its_limit(docs):
+    proxy = proxy_workload(docs)
+    hpas = of_kind(docs, "HorizontalPodAutoscaler")
+    assert len(hpas) == 1, "one HorizontalPodAutoscaler, for the proxy"
+    spec = hpas[0]["spec"]
+    ref = spec["scaleTargetRef"]
+    assert (ref["kind"], ref["name"]) == ("Deployment", proxy["metadata"]["name"])
+    # A re-apply sets replicas back to the manifest's; that must not be below
+    # the HPA's floor, and the floor keeps the PodDisruptionBudget satisfiable
+    # with one pod drained.
+    assert spec["minReplicas"] == proxy["spec"]["replicas"] >= 2
+    assert spec["maxReplicas"] > spec["minReplicas"]
+    pdbs = [p for p in of_kind(docs, "PodDisruptionBudget")
+            if selected_workloads(docs, p["spec"]["selector"]) == [proxy]]
+    assert all(spec["minReplicas"] > p["spec"]["minAvailable"] for p in pdbs)
+    cpu = [m["resource"] for m in spec["metrics"]
+           if m["type"] == "Resource" and m["resource"]["name"] == "cpu"]
+    assert len(cpu) == 1, "scales on CPU"
+    target = cpu[0]["target"]
+    limit = parse_cpu(container_of(proxy, "canary-proxy")["resources"]["limits"]["cpu"])
+    if target["type"] == "AverageValue":
+        # Above the limit the target is never reached: the HPA would never scale.
+        assert 0 < parse_cpu(target["averageValue"]) < limit
+    else:
+        assert target["type"] == "Utilization"

@@ -130,6 +130,9 @@ impl Control {
         inner.reload.last_success = Some(now);
         inner.reload.last_error = None;
         self.metrics.config_last_success.set(unix_seconds(now));
+        // Before the unchanged check: restoring the last good content after
+        // a bad one is a successful reload that counts nothing.
+        self.metrics.config_last_reload_ok.set(1);
         let old = self.store.load().table.clone();
         if table == *old {
             return Applied::Unchanged;
@@ -158,6 +161,7 @@ impl Control {
         inner.reload.failures += 1;
         inner.reload.last_error = Some((self.store.clock().wall(), error));
         self.metrics.config_reload(false);
+        self.metrics.config_last_reload_ok.set(0);
     }
 
     pub(crate) fn reload_status(&self) -> ReloadStatus {

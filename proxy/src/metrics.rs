@@ -127,6 +127,10 @@ pub struct Metrics {
     pub error_ratio_threshold: Gauge,
     config_reloads: IntCounterVec,
     pub config_last_success: Gauge,
+    /// 1 while the routes file on disk is the one in force, 0 from a failed
+    /// reload until the next good read (restoring the last good content
+    /// included, which counts no reload: it changes nothing).
+    pub(crate) config_last_reload_ok: IntGauge,
     config_info: IntGaugeVec,
     rollbacks: IntCounterVec,
     rollback_active: IntGaugeVec,
@@ -135,6 +139,8 @@ pub struct Metrics {
     upstream_connections: IntCounterVec,
     tls_reloads: IntCounterVec,
     pub tls_cert_expiry: Gauge,
+    /// As `config_last_reload_ok`, for the TLS certificate and key.
+    pub(crate) tls_last_reload_ok: IntGauge,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -186,6 +192,7 @@ impl Metrics {
             error_ratio_threshold: registered(r, Gauge::with_opts(opts("canary_proxy_error_ratio_threshold", "The configured rollback.error_rate (0 when rollback is off)."))),
             config_reloads: registered(r, IntCounterVec::new(opts("canary_proxy_config_reloads_total", "Routes reload attempts after start-up, by result (success, failure)."), &["result"])),
             config_last_success: registered(r, Gauge::with_opts(opts("canary_proxy_config_last_reload_success_timestamp_seconds", "Unix time of the last successful routes load."))),
+            config_last_reload_ok: registered(r, IntGauge::with_opts(opts("canary_proxy_config_last_reload_successful", "1 if the last routes reload succeeded (the file in force is the one on disk), 0 if it failed (the last good routes are served)."))),
             config_info: registered(r, IntGaugeVec::new(opts("canary_proxy_config_info", "Always 1; the hash label is the content hash of the active routes file."), &["hash"])),
             rollbacks: registered(r, IntCounterVec::new(opts("canary_proxy_rollbacks_total", "Automatic rollbacks, by the version rolled back."), v)),
             rollback_active: registered(r, IntGaugeVec::new(opts("canary_proxy_rollback_active", "1 while a rollback of the version is latched."), v)),
@@ -194,6 +201,7 @@ impl Metrics {
             upstream_connections: registered(r, IntCounterVec::new(opts("canary_proxy_upstream_connections_opened_total", "Connections opened to a version's upstream; it grows with the peak of concurrent requests, then only when the pool cannot reuse one."), v)),
             tls_reloads: registered(r, IntCounterVec::new(opts("canary_proxy_tls_reloads_total", "TLS certificate reload attempts, by result (success, failure)."), &["result"])),
             tls_cert_expiry: registered(r, Gauge::with_opts(opts("canary_proxy_tls_cert_expiry_timestamp_seconds", "Unix time at which the served TLS certificate expires."))),
+            tls_last_reload_ok: registered(r, IntGauge::with_opts(opts("canary_proxy_tls_last_reload_successful", "1 if the last TLS certificate reload succeeded (or TLS is off), 0 if it failed (the previous certificate is served)."))),
             registry,
         };
         m.registry
@@ -205,6 +213,9 @@ impl Metrics {
         // work before the first reload.
         m.config_reloads.with_label_values(&["success"]);
         m.config_reloads.with_label_values(&["failure"]);
+        // Start-up loads both or exits, so nothing has failed yet.
+        m.config_last_reload_ok.set(1);
+        m.tls_last_reload_ok.set(1);
         Arc::new(m)
     }
 

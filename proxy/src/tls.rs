@@ -382,6 +382,7 @@ impl Reload for CertReload {
     async fn apply(&mut self, pair: &(Vec<u8>, Vec<u8>), recovering: bool) -> Result<(), TlsError> {
         let new = build(&self.config.cert, &pair.0, &self.config.key, &pair.1)?;
         let old = self.served.load_full();
+        self.metrics.tls_last_reload_ok.set(1);
         if old.info == new.info && recovering {
             tracing::info!(serial = %old.info.serial, "TLS certificate is readable again with the served content");
             return Ok(());
@@ -403,6 +404,7 @@ impl Reload for CertReload {
         let active = &self.served.load().info;
         tracing::error!(error = %error, active_serial = %active.serial, active_subject = %active.subject, "TLS certificate reload failed; still serving the previous certificate");
         self.metrics.tls_reload(false);
+        self.metrics.tls_last_reload_ok.set(0);
     }
 }
 

@@ -233,6 +233,89 @@ async fn bad_content_keeps_the_last_good_table_and_the_next_good_swap_applies() 
     proxy.shutdown().await;
 }
 
+/// `canary_proxy_config_last_reload_successful` as scraped now.
+async fn last_reload_ok(proxy: &TestProxy) -> Option<f64> {
+    sample(
+        &proxy.metrics().await,
+        "canary_proxy_config_last_reload_successful",
+        &[],
+    )
+}
+
+/// The operator's usual sequence: a typo is applied, then the file is put
+/// back as it was. Putting it back publishes nothing and counts no
+/// successful reload (the content is the active one), so only the gauge
+/// can tell an alert that the failure is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixing_the_typo_sets_last_reload_successful_back_to_1() {
+    let stable = backend("v1", 0.0, Duration::ZERO).await;
+    let canary = backend("v2", 0.0, Duration::ZERO).await;
+    let good = all_to(stable.addr(), canary.addr(), false);
+    let mut proxy = TestProxy::start(&good).await;
+    assert_eq!(
+        last_reload_ok(&proxy).await,
+        Some(1.0),
+        "nothing failed yet"
+    );
+
+    for (round, (name, bad, _)) in bad_contents(stable.addr(), canary.addr())
+        .into_iter()
+        .take(3)
+        .enumerate()
+    {
+        let failures = round as u64 + 1;
+        proxy.config_map.update(&[("routes.toml", &bad)]);
+        eventually(
+            Duration::from_secs(5),
+            &format!("the {name} reload to fail"),
+            || async { (proxy.status().await["reload"]["failures"] == failures).then_some(()) },
+        )
+        .await;
+        assert_eq!(last_reload_ok(&proxy).await, Some(0.0), "{name}");
+
+        // The fix: the last good content, byte for byte.
+        proxy.set_routes(&good);
+        eventually(
+            Duration::from_secs(5),
+            &format!("the fix of {name} to clear the error"),
+            || async {
+                proxy.status().await["reload"]["last_error"]
+                    .is_null()
+                    .then_some(())
+            },
+        )
+        .await;
+        assert_eq!(last_reload_ok(&proxy).await, Some(1.0), "{name}");
+    }
+    let text = proxy.metrics().await;
+    assert_eq!(
+        sample(
+            &text,
+            "canary_proxy_config_reloads_total",
+            &[("result", "success")]
+        ),
+        Some(0.0),
+        "restoring the active content counts no successful reload"
+    );
+
+    // A missing file (the key dropped from the ConfigMap) and its return.
+    proxy.config_map.update(&[("other-key", b"x")]);
+    eventually(
+        Duration::from_secs(5),
+        "the missing file to set the gauge to 0",
+        || async { (last_reload_ok(&proxy).await == Some(0.0)).then_some(()) },
+    )
+    .await;
+    proxy.set_routes(&good);
+    eventually(
+        Duration::from_secs(5),
+        "the file's return to set the gauge to 1",
+        || async { (last_reload_ok(&proxy).await == Some(1.0)).then_some(()) },
+    )
+    .await;
+    proxy.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_file_edited_in_place_or_saved_by_rename_is_applied() {
     let stable = backend("v1", 0.0, Duration::ZERO).await;

@@ -145,6 +145,15 @@ impl TlsProxy {
         .expect("tls reload counter exported")
     }
 
+    async fn last_reload_ok(&self) -> f64 {
+        sample(
+            &metrics(self.admin).await,
+            "canary_proxy_tls_last_reload_successful",
+            &[],
+        )
+        .expect("last reload gauge exported")
+    }
+
     async fn expiry(&self) -> f64 {
         sample(
             &metrics(self.admin).await,
@@ -478,6 +487,7 @@ async fn a_bad_pair_keeps_the_old_certificate_and_is_counted() {
         0.0,
         "both results are exported from the start"
     );
+    assert_eq!(proxy.last_reload_ok().await, 1.0);
 
     // A certificate with someone else's key.
     proxy.rotate(&[
@@ -510,6 +520,7 @@ async fn a_bad_pair_keeps_the_old_certificate_and_is_counted() {
         "still the old certificate"
     );
     assert_eq!(proxy.tls_reloads("success").await, 0.0);
+    assert_eq!(proxy.last_reload_ok().await, 0.0, "the last reload failed");
     assert_eq!(
         proxy.expiry().await,
         gen1.not_after as f64,
@@ -525,6 +536,7 @@ async fn a_bad_pair_keeps_the_old_certificate_and_is_counted() {
     )
     .await;
     assert_eq!(proxy.tls_reloads("success").await, 1.0);
+    assert_eq!(proxy.last_reload_ok().await, 1.0);
     assert_eq!(proxy.expiry().await, gen4.not_after as f64);
     proxy.shutdown().await;
 }
