@@ -26,8 +26,17 @@ pub enum FlagError {
 #[command(
     name = "ping-backend",
     // `--version` is a value flag here (the version name to report), so clap's
-    // automatic `--version` must not claim it.
+    // automatic `--version` must not claim it; the build's own version is
+    // `-V` / `--build-version` instead.
+    version,
     disable_version_flag = true,
+    arg(
+        clap::Arg::new("build-version")
+            .short('V')
+            .long("build-version")
+            .action(clap::ArgAction::Version)
+            .help("Print this binary's own version (--version names the version it reports)")
+    ),
     after_help = "Endpoints:\n  GET  /ping     200 pong with x-ping-version (500 for the error rate)\n  POST /upload   the same as GET /ping, after reading the whole request body\n  POST /echo     streams the request body back\n  GET  /healthz  200 while the process is alive\n  GET  /readyz   200 while accepting traffic, 503 while draining\n\nOn SIGTERM or SIGINT: /readyz turns 503, /ping is served for the drain delay,\nthen the listener closes and in-flight requests get up to the shutdown timeout."
 )]
 pub struct Flags {

@@ -216,3 +216,17 @@ fn help_describes_every_flag_and_its_env_var() {
         assert!(line.contains(env), "{flag} does not name {env}: {line}");
     }
 }
+
+#[test]
+fn the_build_version_is_dash_capital_v_since_version_names_the_reported_one() {
+    for flag in ["-V", "--build-version"] {
+        let output = command(&[flag]).output().unwrap();
+        assert!(output.status.success(), "{flag}");
+        let out = String::from_utf8(output.stdout).unwrap();
+        assert_eq!(
+            out.trim(),
+            format!("ping-backend {}", env!("CARGO_PKG_VERSION")),
+            "{flag}"
+        );
+    }
+}

@@ -70,9 +70,10 @@ pub struct Listeners {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
+    // Not a `source`: the message already holds it whole.
     #[error("{0}\nthere is no last good routes table to fall back on at start-up; fix the file (check it with `canary-proxy check PATH`)")]
-    Routes(#[from] RoutesError),
-    #[error("{0}")]
+    Routes(RoutesError),
+    #[error(transparent)]
     Tls(#[from] TlsError),
     #[error("no listener: give --listen or --tls-listen an address")]
     NoListener,
@@ -80,6 +81,12 @@ pub enum StartError {
     TlsIncomplete,
     #[error("cannot start the worker threads: {0}; try fewer --threads")]
     Threads(#[source] std::io::Error),
+}
+
+impl From<RoutesError> for StartError {
+    fn from(e: RoutesError) -> Self {
+        StartError::Routes(e)
+    }
 }
 
 /// A running proxy.

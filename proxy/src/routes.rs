@@ -219,10 +219,12 @@ impl fmt::Display for Problem {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RoutesError {
-    #[error("cannot read routes file {}: {source}; check the path (flag --routes) and that the ConfigMap is mounted as a directory", path.display())]
+    // The io error is in the message, and deliberately not a `source`: a
+    // chain printer (`{:#}`) would say it a second time.
+    #[error("cannot read routes file {}: {error}; check the path (flag --routes) and that the ConfigMap is mounted as a directory", path.display())]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{}", format_problems(.path, .problems))]
     Invalid {
@@ -261,9 +263,9 @@ pub(crate) fn read(path: &Path) -> Result<Vec<u8>, RoutesError> {
     let mut bytes = Vec::new();
     std::fs::File::open(path)
         .and_then(|f| f.take(MAX_FILE_BYTES as u64 + 1).read_to_end(&mut bytes))
-        .map_err(|source| RoutesError::Read {
+        .map_err(|error| RoutesError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
     Ok(bytes)
 }
@@ -422,6 +424,10 @@ fn validate(raw: RawRoutes, lines: &LineIndex) -> Result<RouteTable, Vec<Problem
             "no versions: add at least one table like [versions.stable] with upstream = \"http://host:port\" and weight = 100",
         );
     }
+    // Every version the file names, valid or not: the rollback target is
+    // checked against these, so that a target whose own entry is broken is
+    // not also called "not a version".
+    let declared: Vec<String> = raw_versions.keys().cloned().collect();
     for (name, spanned) in raw_versions {
         let span = spanned.span();
         let raw = spanned.into_inner();
@@ -525,7 +531,7 @@ fn validate(raw: RawRoutes, lines: &LineIndex) -> Result<RouteTable, Vec<Problem
 
     let rollback = raw
         .rollback
-        .and_then(|r| validate_rollback(r, &versions, &mut problems));
+        .and_then(|r| validate_rollback(r, &versions, &declared, &mut problems));
     if problems.list.is_empty() {
         Ok(RouteTable {
             versions,
@@ -540,14 +546,15 @@ fn validate(raw: RawRoutes, lines: &LineIndex) -> Result<RouteTable, Vec<Problem
 fn validate_rollback(
     raw: Spanned<RawRollback>,
     versions: &[VersionSpec],
+    declared: &[String],
     problems: &mut Problems<'_>,
 ) -> Option<RollbackPolicy> {
     let span = raw.span();
     let raw = raw.into_inner();
     let names = || {
-        versions
+        declared
             .iter()
-            .map(|v| format!("`{}`", v.name))
+            .map(|name| format!("`{name}`"))
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -559,8 +566,10 @@ fn validate_rollback(
         Some(v) => match v.get_ref().as_str() {
             Some(name) => match versions.iter().position(|x| x.name == name) {
                 Some(i) => Some(i),
+                // Its own entry is broken, and already reported.
+                None if declared.iter().any(|d| d == name) => None,
                 None => {
-                    let hint = suggest(name, versions.iter().map(|v| v.name.as_str()));
+                    let hint = suggest(name, declared.iter().map(String::as_str));
                     problems.add(
                         "rollback.target",
                         Some(v.span()),

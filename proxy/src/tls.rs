@@ -78,12 +78,14 @@ impl TlsConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("{path}: cannot read the TLS {what}: {source}; give the path of the Secret's {file} and mount the Secret as a directory (not with subPath)", path = path.display())]
+    // The io error is in the message, not a `source`: a chain printer
+    // (`{:#}`) would repeat it.
+    #[error("{path}: cannot read the TLS {what}: {error}; give the path of the Secret's {file} and mount the Secret as a directory (not with subPath)", path = path.display())]
     Read {
         path: PathBuf,
         what: &'static str,
         file: &'static str,
-        source: io::Error,
+        error: io::Error,
     },
     #[error("{path}: {problem}; it must hold the PEM certificate chain, leaf first, like a kubernetes.io/tls Secret's tls.crt", path = path.display())]
     Cert { path: PathBuf, problem: String },
@@ -183,14 +185,12 @@ pub(crate) fn build(
 }
 
 async fn read(path: &Path, what: &'static str, file: &'static str) -> Result<Vec<u8>, TlsError> {
-    tokio::fs::read(path)
-        .await
-        .map_err(|source| TlsError::Read {
-            path: path.to_owned(),
-            what,
-            file,
-            source,
-        })
+    tokio::fs::read(path).await.map_err(|error| TlsError::Read {
+        path: path.to_owned(),
+        what,
+        file,
+        error,
+    })
 }
 
 /// Read the certificate and the key as one consistent pair. They are two

@@ -573,3 +573,21 @@ fn grpc_error_codes_take_names_or_numbers_and_default_to_server_faults() {
         c.stdout
     );
 }
+
+#[test]
+fn a_broken_target_entry_is_reported_once_and_a_wrong_name_with_the_choices() {
+    // The target's own entry is broken: that is the problem, not the name.
+    let c = check("[versions.stable]\nupstream = \"ftp://x\"\nweight = 90\n\n[rollback]\ntarget = \"stable\"\n");
+    assert_eq!(c.code, Some(1));
+    assert!(
+        c.stderr.contains("versions.stable.upstream"),
+        "{}",
+        c.stderr
+    );
+    assert!(!c.stderr.contains("is not a version"), "{}", c.stderr);
+    // A name that is no version lists every version the file names.
+    rejects(
+        "[versions.stable]\nupstream = \"ftp://x\"\nweight = 90\n[versions.canary]\nupstream = \"http://127.0.0.1:1\"\nweight = 10\n\n[rollback]\ntarget = \"stabel\"\n",
+        &["`stabel` is not a version", "did you mean `stable`", "use one of `stable`, `canary`"],
+    );
+}

@@ -657,6 +657,28 @@ fn routes_file(dir: &tempfile::TempDir) -> std::path::PathBuf {
     path
 }
 
+#[test]
+fn a_missing_routes_file_at_start_up_is_one_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("routes.toml");
+    let (code, err) = start_up_failure(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--routes",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains(&format!("cannot read routes file {}", missing.display()))
+            && err.contains("no last good routes table"),
+        "{err}"
+    );
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
+    assert_eq!(err.matches("cannot read routes file").count(), 1, "{err}");
+}
+
 /// Run to exit (bounded); returns (exit code, stderr).
 fn start_up_failure(args: &[&str]) -> (Option<i32>, String) {
     let (status, stderr) = Process::run_to_exit(&mut proxy_command(args), Duration::from_secs(20));
@@ -704,6 +726,8 @@ fn start_up_with_a_bad_certificate_or_key_fails_naming_the_file() {
         err.contains(&format!("{missing}: cannot read the TLS certificate")),
         "{err}"
     );
+    // The cause is said once, not once per layer of the error chain.
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 
     let (code, err) = run(&cert, &other_key);
     assert_eq!(code, Some(1), "{err}");
