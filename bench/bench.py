@@ -37,6 +37,9 @@ LOAD_CPUS = "1"
 CONNECTIONS = 64
 WRK_THREADS = 2
 STABLE_SHARE = 0.9
+# The gRPC-shaped row: h2load's connections, and concurrent streams on each.
+H2_CONNECTIONS = 64
+H2_STREAMS = 10
 
 
 def log(msg):
@@ -110,24 +113,94 @@ def http_get(url, timeout=2.0):
         return r.status, dict(r.headers), r.read()
 
 
-def wait_ready(url, procs, p, deadline_s=30.0):
-    """Poll until `url` answers 200 (no fixed sleeps)."""
+def poll_until(check, what, procs, p, deadline_s=30.0, interval=0.05):
+    """Poll `check()` (None when satisfied, else what it saw) until it is
+    satisfied or `deadline_s` passes (no fixed sleeps); fail early if the
+    process `p` exits."""
     end = time.monotonic() + deadline_s
     last = None
     while time.monotonic() < end:
         if p is not None and p.poll() is not None:
             raise RuntimeError(f"{p.bench_name} exited with {p.returncode}:\n{procs.log_tail(p.bench_name)}")
         try:
-            status, _, _ = http_get(url, 1.0)
-            if status == 200:
+            last = check()
+            if last is None:
                 return
-            last = f"status {status}"
         except Exception as e:  # noqa: BLE001
             last = e
-        time.sleep(0.05)
-    name = p.bench_name if p is not None else url
-    raise RuntimeError(f"{name} not ready at {url} after {deadline_s}s: {last}\n"
+        time.sleep(interval)
+    name = p.bench_name if p is not None else "the server"
+    raise RuntimeError(f"{name} {what} after {deadline_s}s: {last}\n"
                        + (procs.log_tail(p.bench_name) if p is not None else ""))
+
+
+def wait_ready(url, procs, p, deadline_s=30.0):
+    """Poll until `url` answers 200."""
+    def check():
+        status, _, _ = http_get(url, 1.0)
+        return None if status == 200 else f"status {status}"
+    poll_until(check, f"not ready at {url}", procs, p, deadline_s)
+
+
+def h2c_get(url, timeout=5.0):
+    """(status, x-ping-version, body) of one GET over h2c with prior
+    knowledge (nghttp, from the same Debian package as h2load)."""
+    out = subprocess.run(["nghttp", "-v", "-t", str(math.ceil(timeout)), url], capture_output=True, text=True,
+                         timeout=timeout + 5)
+    status = re.search(r"recv \(stream_id=\d+\) :status: (\d+)", out.stdout)
+    version = re.search(r"recv \(stream_id=\d+\) x-ping-version: (\S+)", out.stdout)
+    # nghttp writes the body as it arrives, between its frame log lines.
+    body = "pong" if re.search(r"(^|\n)pong(\[|\n|$)", out.stdout) else ""
+    if out.returncode != 0 or not status:
+        raise RuntimeError(f"nghttp {url} failed (exit {out.returncode}): {(out.stdout + out.stderr)[-600:]}")
+    return int(status.group(1)), version.group(1) if version else None, body
+
+
+def wait_pong_h2c(url, procs, p, deadline_s=30.0):
+    """Poll until `url` answers 200 `pong` with an x-ping-version over h2c."""
+    def check():
+        status, version, body = h2c_get(url, 2.0)
+        if status == 200 and version and body == "pong":
+            return None
+        return f"status {status}, x-ping-version {version}, body {body!r}"
+    poll_until(check, f"does not answer pong over h2c at {url}", procs, p, deadline_s, interval=0.1)
+
+
+def socket_inodes(pids):
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except OSError:
+            pass
+    return inodes
+
+
+def established_to(ports, pids):
+    """Established TCP connections that these processes hold to each of
+    these loopback ports: a proxy's upstream connections (only its own, not
+    the pools of the other systems running alongside)."""
+    want = {p: 0 for p in ports}
+    mine = socket_inodes(pids)
+    try:
+        with open("/proc/net/tcp") as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                if fields[3] != "01" or fields[9] not in mine:  # 01: TCP_ESTABLISHED
+                    continue
+                port = int(fields[2].rsplit(":", 1)[1], 16)
+                if port in want:
+                    want[port] += 1
+    except OSError:
+        pass
+    return want
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -199,16 +272,17 @@ class System:
 
 
 class CanaryProxy(System):
-    def __init__(self, bench, threads, cpus, tls=None, binary=None, label="canary-proxy"):
+    def __init__(self, bench, threads, cpus, tls=None, binary=None, label="canary-proxy", routes=None):
         super().__init__(label, label)
         self.bench, self.threads, self.cpus, self.tls = bench, threads, cpus, tls
         self.binary = binary or bench.proxy_bin
+        self.routes = routes or bench.routes_file
 
     def start(self, procs):
         b = self.bench
         port, admin = free_port(), free_port()
         argv = [self.binary, "run", "--listen", f"127.0.0.1:{port}", "--admin-listen", f"127.0.0.1:{admin}",
-                "--routes", b.routes_file, "--threads", str(self.threads),
+                "--routes", self.routes, "--threads", str(self.threads),
                 "--drain-delay", "0s", "--shutdown-timeout", "1s"]
         if self.tls:
             tls_port = free_port()
@@ -230,6 +304,22 @@ class CanaryProxy(System):
                     counts[m.group(1)] = counts.get(m.group(1), 0) + int(float(line.rsplit(" ", 1)[1]))
         return counts
 
+    def split_counts(self):
+        """Answers per upstream so far (v1 stable, v2 canary), for loads
+        whose client cannot read the x-ping-version header (h2load)."""
+        own = self.own_counts()
+        return {"v1": own.get("stable", 0), "v2": own.get("canary", 0)}
+
+    def upstream_connections(self):
+        """`canary_proxy_upstream_connections_opened_total` per upstream."""
+        _, _, body = http_get(self.admin + "/metrics", 5)
+        opened = {}
+        for line in body.decode().splitlines():
+            m = re.match(r'canary_proxy_upstream_connections_opened_total\{.*version="([^"]+)".*\} (\S+)', line)
+            if m:
+                opened[{"stable": "v1", "canary": "v2"}.get(m.group(1), m.group(1))] = int(float(m.group(2)))
+        return opened
+
 
 def haproxy_maxconn():
     """HAProxy reserves two descriptors per connection and refuses to start
@@ -242,9 +332,9 @@ def haproxy_maxconn():
 
 
 class HAProxy(System):
-    def __init__(self, bench, threads, cpus, tls_pem=None):
+    def __init__(self, bench, threads, cpus, tls_pem=None, h2=False):
         super().__init__("haproxy", "HAProxy")
-        self.bench, self.threads, self.cpus, self.tls_pem = bench, threads, cpus, tls_pem
+        self.bench, self.threads, self.cpus, self.tls_pem, self.h2 = bench, threads, cpus, tls_pem, h2
 
     def start(self, procs):
         b = self.bench
@@ -252,11 +342,18 @@ class HAProxy(System):
         bind = f"127.0.0.1:{port}"
         if self.tls_pem:
             bind += f" ssl crt {self.tls_pem} alpn http/1.1"
-        cfg = os.path.join(b.workdir, f"haproxy-t{self.threads}{'-tls' if self.tls_pem else ''}.cfg")
+        # h2: h2c (prior knowledge) on the front door and to the upstreams,
+        # and the stats socket that counts answers per server.
+        proto = " proto h2" if self.h2 else ""
+        bind += proto
+        name = f"haproxy-t{self.threads}{'-tls' if self.tls_pem else ''}{'-h2' if self.h2 else ''}"
+        self.stats_sock = os.path.join(b.workdir, f"{name}.sock")
+        stats = f"\n    stats socket {self.stats_sock} mode 600 level user" if self.h2 else ""
+        cfg = os.path.join(b.workdir, f"{name}.cfg")
         with open(cfg, "w") as f:
             f.write(f"""global
     nbthread {self.threads}
-    maxconn {haproxy_maxconn()}
+    maxconn {haproxy_maxconn()}{stats}
 defaults
     mode http
     option http-keep-alive
@@ -276,11 +373,10 @@ frontend fe
     default_backend be
 backend be
     balance roundrobin
-    server stable {b.upstream_addr['v1']} weight {int(STABLE_SHARE * 100)} maxconn 30000
-    server canary {b.upstream_addr['v2']} weight {int(round((1 - STABLE_SHARE) * 100))} maxconn 30000
+    server stable {b.upstream_addr['v1']} weight {int(STABLE_SHARE * 100)} maxconn 30000{proto}
+    server canary {b.upstream_addr['v2']} weight {int(round((1 - STABLE_SHARE) * 100))} maxconn 30000{proto}
 """)
-        self.proc = procs.start(f"haproxy-t{self.threads}{'-tls' if self.tls_pem else ''}",
-                                ["haproxy", "-db", "-f", cfg], self.cpus)
+        self.proc = procs.start(name, ["haproxy", "-db", "-f", cfg], self.cpus)
         scheme = "https" if self.tls_pem else "http"
         self.url = f"{scheme}://127.0.0.1:{port}/ping"
         if self.tls_pem:
@@ -296,21 +392,90 @@ backend be
                     if time.monotonic() > end or self.proc.poll() is not None:
                         raise RuntimeError("HAProxy (TLS) not ready:\n" + procs.log_tail(self.proc.bench_name))
                     time.sleep(0.05)
+        elif self.h2:
+            wait_pong_h2c(self.url, procs, self.proc)
         else:
             wait_ready(self.url, procs, self.proc)
 
+    def server_stats(self):
+        """The `show stat` row of each server of backend `be`, by name."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(5)
+            s.connect(self.stats_sock)
+            s.sendall(b"show stat\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        lines = data.decode().splitlines()
+        header = lines[0].lstrip("# ").split(",")
+        rows = {}
+        for line in lines[1:]:
+            row = dict(zip(header, line.split(",")))
+            if row.get("pxname") == "be" and row.get("svname") in ("stable", "canary"):
+                rows[row["svname"]] = row
+        return rows
+
+    def split_counts(self):
+        rows = self.server_stats()
+        return {"v1": int(rows["stable"]["stot"] or 0), "v2": int(rows["canary"]["stot"] or 0)}
+
+    def upstream_connections(self):
+        """Connections HAProxy opened to each server (its `connect` counter)."""
+        rows = self.server_stats()
+        return {"v1": int(rows["stable"]["connect"] or 0), "v2": int(rows["canary"]["connect"] or 0)}
+
+
+def nginx_version():
+    out = subprocess.run(["nginx", "-v"], capture_output=True, text=True)
+    m = re.search(r"nginx/(\d+)\.(\d+)\.(\d+)", out.stdout + out.stderr)
+    return tuple(int(x) for x in m.groups()) if m else (0, 0, 0)
+
 
 class Nginx(System):
-    def __init__(self, bench, workers, cpus):
+    def __init__(self, bench, workers, cpus, h2=False):
         super().__init__("nginx", "NGINX")
-        self.bench, self.workers, self.cpus = bench, workers, cpus
+        self.bench, self.workers, self.cpus, self.h2 = bench, workers, cpus, h2
 
     def start(self, procs):
         b = self.bench
         port = free_port()
-        prefix = os.path.join(b.workdir, f"nginx-w{self.workers}")
+        name = f"nginx-w{self.workers}{'-h2' if self.h2 else ''}"
+        prefix = os.path.join(b.workdir, name)
         os.makedirs(prefix, exist_ok=True)
         cfg = os.path.join(prefix, "nginx.conf")
+        if self.h2:
+            # h2c on the front door, and `grpc_pass` to the upstreams: NGINX's
+            # only proxy module that speaks HTTP/2 (h2c for grpc://) upstream.
+            # It passes a plain GET as well, and opens one upstream connection
+            # per request in flight (no multiplexing), kept in the pool.
+            # `listen ... http2` before 1.25.1, the `http2` directive since.
+            listen = (f"listen 127.0.0.1:{port} reuseport;\n        http2 on;" if nginx_version() >= (1, 25, 1)
+                      else f"listen 127.0.0.1:{port} http2 reuseport;")
+            self.access_log = os.path.join(prefix, "upstreams.log")
+            self.log_offset, self.log_counts = 0, {"v1": 0, "v2": 0}
+            logging = f"""# Open source NGINX has no per-upstream counter: the split is counted
+    # from a buffered log of the upstream each answer came from.
+    log_format upstream "$upstream_addr";
+    access_log {self.access_log} upstream buffer=64k flush=1s;"""
+            # more than h2load's 640 streams in flight, so the pool does not churn
+            keepalive = 1024
+            location = """grpc_pass grpc://versions;
+            # the same headers canary-proxy adds
+            grpc_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            grpc_set_header X-Forwarded-Proto $scheme;
+            grpc_set_header X-Forwarded-Host $http_host;"""
+        else:
+            listen = f"listen 127.0.0.1:{port} reuseport;"
+            logging = "access_log off;"
+            keepalive = 256
+            location = """proxy_pass http://versions;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            # the same headers canary-proxy adds, and the client's Host
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;"""
         with open(cfg, "w") as f:
             f.write(f"""daemon off;
 user root;
@@ -320,7 +485,7 @@ pid {prefix}/nginx.pid;
 error_log stderr warn;
 events {{ worker_connections 30000; }}
 http {{
-    access_log off;
+    {logging}
     keepalive_timeout 60s;
     keepalive_requests 1000000;
     client_body_temp_path {prefix}/client_body;
@@ -331,28 +496,39 @@ http {{
     upstream versions {{
         server {b.upstream_addr['v1']} weight={int(STABLE_SHARE * 100)};
         server {b.upstream_addr['v2']} weight={int(round((1 - STABLE_SHARE) * 100))};
-        keepalive 256;
+        keepalive {keepalive};
         keepalive_requests 1000000;
     }}
     server {{
-        listen 127.0.0.1:{port} reuseport;
+        {listen}
         location / {{
-            proxy_pass http://versions;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            # the same headers canary-proxy adds, and the client's Host
-            proxy_set_header Host $http_host;
-            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-            proxy_set_header X-Forwarded-Proto $scheme;
-            proxy_set_header X-Forwarded-Host $http_host;
+            {location}
         }}
     }}
 }}
 """)
-        self.proc = procs.start(f"nginx-w{self.workers}", ["nginx", "-p", prefix, "-c", cfg, "-e", "stderr"],
-                                self.cpus)
+        self.proc = procs.start(name, ["nginx", "-p", prefix, "-c", cfg, "-e", "stderr"], self.cpus)
         self.url = f"http://127.0.0.1:{port}/ping"
-        wait_ready(self.url, procs, self.proc)
+        if self.h2:
+            wait_pong_h2c(self.url, procs, self.proc)
+        else:
+            wait_ready(self.url, procs, self.proc)
+
+    def split_counts(self):
+        """Answers per upstream so far, from the access log (read on from
+        where the last call stopped; NGINX flushes its buffer within 1s)."""
+        version_of = {addr: v for v, addr in self.bench.upstream_addr.items()}
+        with open(self.access_log, "rb") as f:
+            f.seek(self.log_offset)
+            data = f.read()
+        complete = data.rfind(b"\n") + 1
+        self.log_offset += complete
+        for line in data[:complete].decode().splitlines():
+            # "addr" or, after a retry, "addr1, addr2": the last one answered.
+            v = version_of.get(line.rsplit(", ", 1)[-1].strip())
+            if v:
+                self.log_counts[v] += 1
+        return dict(self.log_counts)
 
     def serving_pids(self):
         return children(self.proc.pid) if self.proc else []
@@ -361,12 +537,14 @@ http {{
 class Direct(System):
     """The ceiling: wrk straight to the stable upstream, no proxy."""
 
-    def __init__(self, bench):
+    def __init__(self, bench, h2=False):
         super().__init__("direct", "direct (ceiling)")
-        self.bench = bench
+        self.bench, self.h2 = bench, h2
 
     def start(self, procs):
         self.url = f"http://{self.bench.upstream_addr['v1']}/ping"
+        if self.h2:
+            wait_pong_h2c(self.url, procs, None)
 
     def serving_pids(self):
         # CPU per request here is the stable upstream's own cost (its RSS
@@ -400,6 +578,53 @@ def run_wrk(url, seconds, connections=CONNECTIONS):
     r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
     r["errors"] = (r["err_connect"] + r["err_read"] + r["err_write"] + r["err_timeout"]
                    + sum(n for k, n in counts.items() if k.startswith("status_") or k == "no_version_header"))
+    return r
+
+
+def h2_duration_us(text):
+    """h2load's durations: "368us", "10.61ms", "2.99s"."""
+    m = re.fullmatch(r"([\d.]+)(us|ms|s)", text)
+    if not m:
+        raise ValueError(f"not an h2load duration: {text!r}")
+    return float(m.group(1)) * {"us": 1, "ms": 1e3, "s": 1e6}[m.group(2)]
+
+
+def run_h2load(url, seconds, watch_ports=(), watch_pids=()):
+    """h2load over h2c (prior knowledge), bounded in time; halfway through,
+    counts the established connections from `watch_pids` to `watch_ports`
+    (a proxy's upstream connections under load)."""
+    cmd = ["taskset", "-c", LOAD_CPUS, "h2load", "-c", str(H2_CONNECTIONS), "-m", str(H2_STREAMS),
+           "-D", str(seconds), url]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        time.sleep(seconds / 2)  # h2load opens its connections at once: halfway is under full load
+        mid = established_to(watch_ports, watch_pids)
+        stdout, stderr = p.communicate(timeout=seconds + 60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
+    fin = re.search(r"^finished in (\S+), ([\d.]+) req/s", stdout, re.M)
+    req = re.search(r"^requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+                    r"(\d+) errored, (\d+) timeout", stdout, re.M)
+    codes = re.search(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", stdout, re.M)
+    lat = re.search(r"^time for request:\s+(\S+)\s+(\S+)\s+(\S+)", stdout, re.M)
+    if p.returncode != 0 or not (fin and req and codes):
+        raise RuntimeError(f"h2load failed (exit {p.returncode}) against {url}:\n{stdout[-2000:]}\n{stderr[-2000:]}")
+    total, started, done, succeeded, failed, errored, timeout = (int(x) for x in req.groups())
+    c2xx, c3xx, c4xx, c5xx = (int(x) for x in codes.groups())
+    r = {"requests": done, "started": started, "succeeded": succeeded, "failed": failed, "errored": errored,
+         "timeout": timeout, "non_2xx": c3xx + c4xx + c5xx, "rps": float(fin.group(2)),
+         "duration_us": h2_duration_us(fin.group(1)),
+         # h2load gives no percentiles (only with a per-request log file)
+         "mean_us": h2_duration_us(lat.group(3)) if lat else float("nan"),
+         "max_us": h2_duration_us(lat.group(2)) if lat else float("nan"),
+         "mid_conns": mid}
+    # In a timed run h2load's total is the requests done; whatever did not
+    # succeed with a 2xx (failed, errored, timed out, 3xx to 5xx) is an error.
+    r["errors"] = (total - succeeded) + c3xx
+    if done == 0:
+        raise RuntimeError(f"h2load got no answer from {url}:\n{stdout[-2000:]}\n{stderr[-2000:]}")
     return r
 
 
@@ -494,6 +719,21 @@ weight = {int(STABLE_SHARE * 100)}
 upstream = "http://{self.upstream_addr['v2']}"
 weight = {int(round((1 - STABLE_SHARE) * 100))}
 """)
+        # The same versions over h2c, for the HTTP/2 row (a directory of its
+        # own for the same reason).
+        os.makedirs(os.path.join(self.workdir, "routes-h2c"), exist_ok=True)
+        self.routes_h2c = os.path.join(self.workdir, "routes-h2c", "routes.toml")
+        with open(self.routes_h2c, "w") as f:
+            f.write(f"""[versions.stable]
+upstream = "http://{self.upstream_addr['v1']}"
+weight = {int(STABLE_SHARE * 100)}
+protocol = "h2c"
+
+[versions.canary]
+upstream = "http://{self.upstream_addr['v2']}"
+weight = {int(round((1 - STABLE_SHARE) * 100))}
+protocol = "h2c"
+""")
 
     def proxy_has(self, flag):
         out = subprocess.run([self.proxy_bin, "run", "--help"], capture_output=True, text=True)
@@ -501,18 +741,27 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
 
     # -- alternating rounds
 
-    def rounds(self, systems, rounds, seconds, warmup):
-        """A B C A B C ...: every system gets every round, in turn."""
+    def rounds(self, systems, rounds, seconds, warmup, load=None, before=None, after=None, describe=None):
+        """A B C A B C ...: every system gets every round, in turn.
+
+        `load(system, seconds, pids)` runs one load (default: wrk) and returns
+        its result; `before(system)` and `after(system, result, state)` run
+        just outside the CPU measurement (`state` is what `before` returned);
+        `describe(result)` is the log line's tail."""
+        load = load or (lambda s, secs, _pids: run_wrk(s.url, secs))
+        describe = describe or (lambda r: f"p99 {r['p99_us'] / 1000:.2f} ms  cpu {r['cpu_us']:.1f} us/req  "
+                                          f"errors {r['errors']}  counts {r['counts']}")
         results = {s.key: [] for s in systems}
         for s in systems:
             if warmup:
-                run_wrk(s.url, warmup)
+                load(s, warmup, [])
         for i in range(rounds):
             order = systems if i % 2 == 0 else list(reversed(systems))
             for s in order:
+                state = before(s) if before else None
                 pids = s.serving_pids()
                 u0, s0 = cpu_seconds(pids)
-                r = run_wrk(s.url, seconds)
+                r = load(s, seconds, pids)
                 u1, s1 = cpu_seconds(pids)
                 # CPU time the system under test spent per answered request:
                 # the cost per request, and much less sensitive than req/s
@@ -522,10 +771,10 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
                 r["cpu_us"] = 1e6 * ((u1 - u0) + (s1 - s0)) / n
                 r["user_us"] = 1e6 * (u1 - u0) / n
                 r["sys_us"] = 1e6 * (s1 - s0) / n
+                if after:
+                    after(s, r, state)
                 results[s.key].append(r)
-                log(f"  round {i + 1}/{rounds} {s.label:<18} {r['rps']:>9.0f} req/s  p99 {r['p99_us'] / 1000:.2f} ms"
-                    f"  cpu {r['cpu_us']:.1f} us/req"
-                    f"  errors {r['errors']}  counts {r['counts']}")
+                log(f"  round {i + 1}/{rounds} {s.label:<18} {r['rps']:>9.0f} req/s  {describe(r)}")
         return results
 
     def summarise(self, title, systems, results, note, split=True):
@@ -669,6 +918,145 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
             for s in systems:
                 if s.proc:
                     self.procs.stop(s.proc)
+
+    def h2_phase(self, rounds):
+        """HTTP/2 end to end, gRPC-shaped: many concurrent streams over few
+        client connections, h2c to the front door and h2c to the upstreams."""
+        title = (f"HTTP/2 end to end (gRPC-shaped): h2c in, h2c to the upstreams (one worker thread, "
+                 f"core {SUT_CPUS_1})")
+        systems = [CanaryProxy(self, 1, SUT_CPUS_1, routes=self.routes_h2c), HAProxy(self, 1, SUT_CPUS_1, h2=True),
+                   Nginx(self, 1, SUT_CPUS_1, h2=True), Direct(self, h2=True)]
+        seconds, warmup = self.args.duration, self.args.warmup
+        upstream_ports = {v: int(addr.rsplit(":", 1)[1]) for v, addr in self.upstream_addr.items()}
+        log(f"HTTP/2: starting {', '.join(s.label for s in systems)}")
+        try:
+            for s in systems:
+                s.start(self.procs)
+            # HAProxy, NGINX and direct were checked over h2c as they started;
+            # canary-proxy's readiness check is HTTP/1.1, so check h2c here.
+            wait_pong_h2c(systems[0].url, self.procs, systems[0].proc)
+            load_before = loadavg()
+
+            def load(s, secs, pids):
+                # the upstream connections of a proxy, not h2load's own (direct)
+                r = run_h2load(s.url, secs, upstream_ports.values(), [] if isinstance(s, Direct) else pids)
+                r["mid_conns"] = {v: r["mid_conns"].get(port, 0) for v, port in upstream_ports.items()}
+                return r
+
+            def before(s):
+                return s.split_counts() if hasattr(s, "split_counts") else None
+
+            def after(s, r, counts_before):
+                r["counts"] = {} if counts_before is None else self.h2_counts_since(s, counts_before, r["requests"])
+
+            results = self.rounds(systems, rounds, seconds, warmup, load, before, after, describe=lambda r: (
+                f"mean {r['mean_us'] / 1000:.2f} ms  cpu {r['cpu_us']:.1f} us/req  errors {r['errors']}  "
+                f"counts {r['counts']}  upstream conns mid-load {r['mid_conns']}"))
+            opened = {s.key: s.upstream_connections() for s in systems if hasattr(s, "upstream_connections")}
+            note = (f"`h2load -c {H2_CONNECTIONS} -m {H2_STREAMS} -D {seconds} http://127.0.0.1:PORT/ping` "
+                    f"(h2c with prior knowledge, one h2load thread on core {LOAD_CPUS}): {H2_CONNECTIONS} client "
+                    f"connections with {H2_STREAMS} streams in flight on each, as gRPC clients multiplex. "
+                    f"{rounds} round(s) alternating, a {warmup}s h2load warm-up each; load average before "
+                    f"{load_before}, after {loadavg()}. Each proxy speaks h2c to both upstreams, split 90/10: "
+                    f"canary-proxy `protocol = \"h2c\"` on both versions (`--threads 1`); HAProxy `bind ... proto h2`, "
+                    f"`server ... proto h2`, `balance roundrobin` with weights 90/10 (`nbthread 1`); NGINX "
+                    f"{'`http2 on`' if nginx_version() >= (1, 25, 1) else '`listen ... http2`'} and `grpc_pass "
+                    f"grpc://versions` to a weighted upstream block (`worker_processes 1`); direct is h2load "
+                    f"straight to the stable ping-backend (its CPU is the upstream's own). h2load cannot read "
+                    f"the `x-ping-version` header, so the split is counted by each system: canary-proxy's "
+                    f"`canary_proxy_requests_total`, HAProxy's per-server `stot` (stats socket), NGINX's "
+                    f"buffered access log of `$upstream_addr` (its only per-upstream count; a small cost the "
+                    f"HTTP/1.1 rows do not pay). Latency is h2load's mean time per request (it reports no "
+                    f"percentiles). Errors: every request that did not end in a 2xx (h2load's failed, errored, "
+                    f"timeout and 3xx–5xx). Upstream connections: those the system's own processes held open "
+                    f"to each upstream (stable/canary) halfway through the load (from /proc), median over rounds, and opened in the whole run by the system's "
+                    f"own counter (canary-proxy `canary_proxy_upstream_connections_opened_total`, HAProxy "
+                    f"`connect`; NGINX has none).")
+            return self.h2_summarise(title, systems, results, note, opened)
+        finally:
+            for s in systems:
+                if s.proc:
+                    self.procs.stop(s.proc)
+
+    def h2_counts_since(self, s, before, done, deadline_s=5.0):
+        """Answers per upstream during one load. A system may count an
+        answer a moment after h2load saw it (NGINX flushes its log each
+        second), so poll until it has counted at least the requests done."""
+        end = time.monotonic() + deadline_s
+        while True:
+            after = s.split_counts()
+            delta = {v: after.get(v, 0) - before.get(v, 0) for v in ("v1", "v2")}
+            if sum(delta.values()) >= done or time.monotonic() > end:
+                return delta
+            time.sleep(0.1)
+
+    def h2_summarise(self, title, systems, results, note, opened):
+        agg = {}
+        for s in systems:
+            rs = results[s.key]
+            rps = [r["rps"] for r in rs]
+            direct = isinstance(s, Direct)
+            counts = {}
+            for r in rs:
+                for k, n in r["counts"].items():
+                    counts[k] = counts.get(k, 0) + n
+            per_round = [split_check(r["counts"]) for r in rs] if not direct else []
+            total = split_check(counts) if not direct else (True, 0.0, 0.0, "n/a (one upstream)")
+            ok = total[0] and all(c[0] for c in per_round)
+            errors = sum(r["errors"] for r in rs)
+            requests = sum(r["requests"] for r in rs)
+            a = {"rps": med(rps), "min": min(rps), "max": max(rps), "rounds": rps,
+                 "mean": med([r["mean_us"] for r in rs]), "cpu_us": med([r["cpu_us"] for r in rs]),
+                 "user_us": med([r["user_us"] for r in rs]), "sys_us": med([r["sys_us"] for r in rs]),
+                 "errors": errors, "requests": requests, "split_ok": ok, "split_text": total[3],
+                 "failed": sum(r["failed"] for r in rs), "errored": sum(r["errored"] for r in rs),
+                 "timeout": sum(r["timeout"] for r in rs), "non_2xx": sum(r["non_2xx"] for r in rs),
+                 "mid": {v: med([r["mid_conns"][v] for r in rs]) for v in ("v1", "v2")},
+                 "opened": opened.get(s.key)}
+            agg[s.key] = a
+            if not ok:
+                self.failures.append(f"{title}: {s.label} split off: total {total[3]}; per round "
+                                     + "; ".join(c[3] for c in per_round))
+            # Unlike the HTTP/1.1 rows, not one error is tolerated: nothing
+            # here should fail, so any failure is the harness or a system broken.
+            if errors:
+                self.failures.append(f"{title}: {s.label} had {errors} errors in {requests} requests "
+                                     f"(h2load: {a['failed']} failed, {a['errored']} errored, {a['timeout']} "
+                                     f"timeout, {a['non_2xx']} 3xx-5xx)")
+        hap = agg.get("haproxy")
+        lines = [f"### {title}", "", note, "",
+                 "| system | req/s (median) | spread min–max (rounds) | × HAProxy req/s | mean ms "
+                 "| CPU µs/request (user + kernel) | requests | errors | upstream conns under load stable/canary "
+                 "| upstream conns opened stable/canary | split stable/canary % (tolerance) |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for s in systems:
+            a = agg[s.key]
+            spread = f"{a['min']:.0f}–{a['max']:.0f} ({100 * (a['max'] - a['min']) / a['rps']:.0f}%)"
+            ratio = f"{a['rps'] / hap['rps']:.2f}" if hap else "–"
+            err = (str(a["errors"]) if not a["errors"] else
+                   f"**{a['errors']}** ({a['failed']} failed, {a['errored']} errored, {a['timeout']} timeout, "
+                   f"{a['non_2xx']} 3xx–5xx)")
+            if isinstance(s, Direct):
+                mid = f"– (h2load's {H2_CONNECTIONS})"
+            else:
+                mid = f"{a['mid']['v1']:.0f}/{a['mid']['v2']:.0f}"
+            op = f"{a['opened']['v1']}/{a['opened']['v2']}" if a["opened"] else "–"
+            split_cell = a["split_text"] + ("" if a["split_ok"] else " **OFF**")
+            lines.append(f"| {s.label} | {a['rps']:.0f} | {spread} | {ratio} | {fmt_ms(a['mean'])} | "
+                         f"{fmt_cpu(a['cpu_us'])} ({fmt_cpu(a['user_us'])} + {fmt_cpu(a['sys_us'])}) | "
+                         f"{a['requests']} | {err} | {mid} | {op} | {split_cell} |")
+        lines.append("")
+        lines.append("Per-round req/s: " + "; ".join(
+            f"{s.label} " + ", ".join(f"{x:.0f}" for x in agg[s.key]["rounds"]) for s in systems))
+        cp = agg.get("canary-proxy")
+        if cp and cp["opened"]:
+            lines += ["", f"canary-proxy upstream connections opened in the whole run (warm-up included; "
+                      f"`canary_proxy_upstream_connections_opened_total`): stable {cp['opened']['v1']}, canary "
+                      f"{cp['opened']['v2']}, for {H2_CONNECTIONS} client connections with {H2_STREAMS} streams "
+                      f"each ({H2_CONNECTIONS * H2_STREAMS} requests in flight)."]
+        lines.append("")
+        self.sections.append("\n".join(lines))
+        return agg
 
     def idle_phase(self, n, hold):
         title = f"Memory with {n} idle keep-alive client connections (one worker thread, core {SUT_CPUS_1})"
@@ -819,6 +1207,7 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
             "haproxy": first_line(["haproxy", "-v"]).split(" - ")[0],
             "nginx": first_line(["nginx", "-v"]).replace("nginx version: ", ""),
             "wrk": first_line(["wrk", "-v"]).split(" Copyright")[0],
+            "h2load": first_line(["h2load", "--version"]),
             "build": self.args.profile,
         }
 
@@ -826,10 +1215,13 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
         v = self.versions()
         date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
         mode = "quick smoke run (not a measurement)" if self.quick else "full run"
+        if self.args.only == "h2":
+            mode = "HTTP/2 row only, " + mode
         out = [f"# canary-proxy benchmark, {date} ({mode})", "",
                f"- commit {v['commit']}, canary-proxy and ping-backend built with the `{v['build']}` profile",
+               f"- binaries: `{self.proxy_bin}`, `{self.backend_bin}`",
                f"- machine: {v['cpu']}, Linux {v['kernel']}",
-               f"- {v['haproxy']}; {v['nginx']}; {v['wrk']}",
+               f"- {v['haproxy']}; {v['nginx']}; {v['wrk']}; {v['h2load']}",
                "- load average (1, 5, 15 min): " + "; ".join(f"{k} {l}" for k, l in self.loads),
                f"- upstreams: two `ping-backend` processes (stable v1, canary v2), one tokio worker each, on core "
                f"{UPSTREAM_CPUS}; split 90/10 over keep-alive; the split is counted from the `x-ping-version` "
@@ -851,6 +1243,9 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
             self.start_upstreams()
             if a.compare:
                 self.compare_phase(a.compare, a.rounds)
+            elif a.only == "h2":
+                self.h2_phase(a.h2_rounds)
+                self.loads.append(("after HTTP/2 row", loadavg()))
             else:
                 head = self.throughput_phase(1, include_direct=True, rounds=a.rounds)
                 self.loads.append(("after headline", loadavg()))
@@ -858,6 +1253,8 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
                     self.throughput_phase(2, include_direct=False, rounds=a.rounds2)
                     self.loads.append(("after two-thread figure", loadavg()))
                 self.tls_phase(a.tls_rounds)
+                self.h2_phase(a.h2_rounds)
+                self.loads.append(("after HTTP/2 row", loadavg()))
                 idle = self.idle_phase(a.idle_conns, a.idle_hold)
                 self.examples_phase()
         except Exception as e:  # noqa: BLE001 - reported, and the run fails
@@ -875,7 +1272,7 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
         out = a.out
         if not out:
             day = datetime.date.today().isoformat()
-            kind = "-compare" if compare else "-quick" if a.quick else ""
+            kind = "-compare" if compare else ("-h2" if a.only == "h2" else "") + ("-quick" if a.quick else "")
             out = os.path.join(HERE, "results", f"{day}{kind}.md")
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "w") as f:
@@ -902,6 +1299,9 @@ def main():
     ap.add_argument("--rounds", type=int, help="rounds of the headline figure")
     ap.add_argument("--rounds2", type=int, help="rounds of the two-thread figure")
     ap.add_argument("--tls-rounds", type=int)
+    ap.add_argument("--h2-rounds", type=int, help="rounds of the HTTP/2 (gRPC-shaped, h2load) row")
+    ap.add_argument("--only", choices=("h2",), help="run one row alone: h2 = HTTP/2 end to end (gRPC-shaped, "
+                    "h2load); writes <date>-h2.md")
     ap.add_argument("--idle-conns", type=int)
     ap.add_argument("--idle-hold", type=float)
     ap.add_argument("--compare-threads", type=int, default=1, choices=(1, 2),
@@ -909,9 +1309,11 @@ def main():
     ap.add_argument("--compare", metavar="BIN", help="only the headline setup: this build against another "
                     "canary-proxy binary (and HAProxy), to measure one change; writes <date>-compare.md")
     args = ap.parse_args()
-    defaults = (dict(duration=2, warmup=1, rounds=2, rounds2=0, tls_rounds=1, idle_conns=1000, idle_hold=2.0)
+    defaults = (dict(duration=2, warmup=1, rounds=2, rounds2=0, tls_rounds=1, h2_rounds=1, idle_conns=1000,
+                     idle_hold=2.0)
                 if args.quick else
-                dict(duration=10, warmup=2, rounds=5, rounds2=3, tls_rounds=3, idle_conns=10000, idle_hold=12.0))
+                dict(duration=10, warmup=2, rounds=5, rounds2=3, tls_rounds=3, h2_rounds=3, idle_conns=10000,
+                     idle_hold=12.0))
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
