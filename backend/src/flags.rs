@@ -37,7 +37,7 @@ pub enum FlagError {
             .action(clap::ArgAction::Version)
             .help("Print this binary's own version (--version names the version it reports)")
     ),
-    after_help = "Endpoints:\n  GET  /ping     200 pong with x-ping-version (500 for the error rate)\n  POST /upload   the same as GET /ping, after reading the whole request body\n  POST /echo     streams the request body back\n  GET  /healthz  200 while the process is alive\n  GET  /readyz   200 while accepting traffic, 503 while draining\n\nOn SIGTERM or SIGINT: /readyz turns 503, /ping is served for the drain delay,\nthen the listener closes and in-flight requests get up to the shutdown timeout."
+    after_help = "Serves HTTP/1.1 and h2c (HTTP/2 with prior knowledge, as gRPC clients and canary-proxy's protocol = \"h2c\" speak it) on the same port.\n\nEndpoints:\n  GET  /ping     200 pong with x-ping-version (500 for the error rate)\n  POST /upload   the same as GET /ping, after reading the whole request body\n  POST /echo     streams the request body back\n  GET  /healthz  200 while the process is alive\n  GET  /readyz   200 while accepting traffic, 503 while draining\n\nOn SIGTERM or SIGINT: /readyz turns 503, /ping is served for the drain delay,\nthen the listener closes and in-flight requests get up to the shutdown timeout."
 )]
 pub struct Flags {
     /// Address to listen on, as HOST:PORT (e.g. 0.0.0.0:8080; port 0 picks a free port).
