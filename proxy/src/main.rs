@@ -88,6 +88,9 @@ struct CommonArgs {
     /// Answer 504 when an upstream sends no response head within this long; `0s` waits forever. A gRPC call is answered DEADLINE_EXCEEDED instead, and its `grpc-timeout` lowers this for that call.
     #[arg(long, env = "CANARY_PROXY_UPSTREAM_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     upstream_timeout: Duration,
+    /// An upstream connection takes no new request once it is this old, so that a Service's new pods get connections (kube-proxy picks a pod per connection); `0s` keeps connections for good.
+    #[arg(long, env = "CANARY_PROXY_UPSTREAM_MAX_CONNECTION_AGE", default_value = "2m", value_parser = humantime::parse_duration)]
+    upstream_max_connection_age: Duration,
     /// A request body gets this long before --request-body-min-rate applies; one that falls behind is cut and answered 408.
     #[arg(long, env = "CANARY_PROXY_REQUEST_BODY_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
     request_body_timeout: Duration,
@@ -174,6 +177,8 @@ impl CommonArgs {
         config.forward = ForwardConfig {
             connect_timeout: self.connect_timeout,
             upstream_timeout: (!self.upstream_timeout.is_zero()).then_some(self.upstream_timeout),
+            upstream_max_connection_age: (!self.upstream_max_connection_age.is_zero())
+                .then_some(self.upstream_max_connection_age),
             request_body_grace: self.request_body_timeout,
             request_body_min_rate: self.request_body_min_rate,
             ..ForwardConfig::default()

@@ -265,3 +265,51 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
     );
     proxy.shutdown().await;
 }
+
+/// Requests one after another for about `span`, every 50 ms; returns the
+/// upstream connections the proxy opened, and asserts every answer.
+async fn sequential_for(proxy: &TestProxy, span: Duration) -> f64 {
+    let c = client();
+    let started = std::time::Instant::now();
+    let mut n = 0;
+    while started.elapsed() < span && n < 200 {
+        n += 1;
+        let a = get(&c, proxy.addr, "/ping").await.expect("an answer");
+        assert_eq!(a.status, StatusCode::OK, "request {n}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    opened(&proxy.metrics().await, "stable")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_max_age_are_replaced_so_new_pods_get_traffic() {
+    // HTTP/1.1 and h2c alike: a connection older than the max age takes no
+    // new request (kube-proxy picks a pod per connection, so this is what
+    // spreads a Service's traffic to pods added after it was opened).
+    for protocol in ["http1", "h2c"] {
+        let backend = backend("v1", 0.0, Duration::ZERO).await;
+        let text = routes(&[("stable", backend.addr(), 100)], None).replace(
+            "weight = 100",
+            &format!("weight = 100\nprotocol = \"{protocol}\""),
+        );
+        let aged = TestProxy::start_with(&text, |c| {
+            c.forward.upstream_max_connection_age = Some(Duration::from_millis(300));
+        })
+        .await;
+        // About 1.5 s of requests at a 300 ms max age: 5 or 6 connections.
+        let opened_aged = sequential_for(&aged, Duration::from_millis(1500)).await;
+        assert!(
+            (4.0..=10.0).contains(&opened_aged),
+            "{protocol}: {opened_aged} connections in 1.5 s at a 300 ms max age"
+        );
+        aged.shutdown().await;
+
+        let forever = TestProxy::start_with(&text, |c| {
+            c.forward.upstream_max_connection_age = None;
+        })
+        .await;
+        let opened_forever = sequential_for(&forever, Duration::from_millis(1500)).await;
+        assert_eq!(opened_forever, 1.0, "{protocol}: without a max age");
+        forever.shutdown().await;
+    }
+}

@@ -75,6 +75,11 @@ impl SendBody for UpstreamBody {
 pub(crate) type ResponseFuture =
     Pin<Box<dyn Future<Output = Result<Response<ObservedBody>, Infallible>> + Send>>;
 
+/// How long an upstream connection takes new requests by default: long
+/// enough that reconnecting costs nothing measurable, short enough that a
+/// Service's new pods get connections within minutes of a scale-up.
+pub(crate) const DEFAULT_MAX_CONNECTION_AGE: Duration = Duration::from_secs(120);
+
 /// Knobs of the request path, from `run`'s flags.
 #[derive(Debug, Clone)]
 pub struct ForwardConfig {
@@ -83,6 +88,9 @@ pub struct ForwardConfig {
     /// Bodies stream without a deadline, so long downloads are not cut.
     pub upstream_timeout: Option<Duration>,
     pub pool_idle_timeout: Duration,
+    /// No upstream connection is given a new request once it is this old
+    /// (`None`: no limit); see `upstream::UpstreamConfig::max_age`.
+    pub upstream_max_connection_age: Option<Duration>,
     /// A request body must arrive at `request_body_min_rate` bytes per
     /// second on average after this grace, or it is cut and answered 408
     /// (see `forward::upload`).
@@ -96,6 +104,7 @@ impl Default for ForwardConfig {
             connect_timeout: Duration::from_secs(2),
             upstream_timeout: Some(Duration::from_secs(60)),
             pool_idle_timeout: Duration::from_secs(90),
+            upstream_max_connection_age: Some(DEFAULT_MAX_CONNECTION_AGE),
             request_body_grace: Duration::from_secs(30),
             request_body_min_rate: 4096,
         }
@@ -276,6 +285,7 @@ impl Forwarder {
         let upstreams = Upstreams::new(UpstreamConfig {
             connect_timeout: config.connect_timeout,
             idle_timeout: config.pool_idle_timeout,
+            max_age: config.upstream_max_connection_age,
         });
         Arc::new(Forwarder {
             recorder: Arc::new(Recorder {

@@ -36,7 +36,7 @@ use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::lent::{Lender, Lent};
-use super::{connect_tcp, ConnectError, SendBody, SendError};
+use super::{connect_tcp, ConnectError, SendBody, SendError, UpstreamConfig};
 
 /// Connections per upstream and event loop. Streams, not connections, carry
 /// the load; a second connection only helps when the upstream caps its
@@ -55,6 +55,8 @@ struct Shared {
     max_streams: AtomicUsize,
     /// The connection ended (GOAWAY, error, idle): no new requests.
     closed: AtomicBool,
+    /// When the connection was opened, for the pool's maximum age.
+    opened: Instant,
     /// When the last request started, in milliseconds since the pool's
     /// epoch: a connection with no streams idle longer than the pool's idle
     /// timeout is closed by the sweep.
@@ -122,8 +124,7 @@ pub(crate) struct Pool<B> {
     /// Per upstream, the turn to open a connection, with the last failed
     /// attempt's time and error (see [`Pool::open`]).
     gates: Mutex<HashMap<Authority, Arc<Gate>>>,
-    connect_timeout: Duration,
-    idle_timeout: Duration,
+    config: UpstreamConfig,
     epoch: Instant,
 }
 
@@ -134,14 +135,21 @@ impl<B> std::fmt::Debug for Pool<B> {
 }
 
 impl<B: SendBody> Pool<B> {
-    pub(crate) fn new(connect_timeout: Duration, idle_timeout: Duration) -> Self {
+    pub(crate) fn new(config: UpstreamConfig) -> Self {
         Pool {
             conns: Mutex::new(HashMap::new()),
             gates: Mutex::new(HashMap::new()),
-            connect_timeout,
-            idle_timeout,
+            config,
             epoch: Instant::now(),
         }
+    }
+
+    /// Open, and young enough for new requests (see
+    /// `UpstreamConfig::max_age`). An old one is only left out: its
+    /// streams under way finish, and hyper closes it once the pool's
+    /// handle is gone and they are done.
+    fn usable(&self, conn: &Conn<B>) -> bool {
+        conn.open() && self.config.young(conn.shared.opened)
     }
 
     fn now_ms(&self) -> u64 {
@@ -231,7 +239,7 @@ impl<B: SendBody> Pool<B> {
     fn pick(&self, authority: &Authority) -> Option<Conn<B>> {
         let mut conns = self.conns.lock().expect("http2 pool lock");
         let list = conns.get_mut(authority)?;
-        list.retain(Conn::open);
+        list.retain(|c| self.usable(c));
         let least = list.iter().min_by_key(|c| c.load())?;
         if least.has_room() || list.len() >= MAX_CONNECTIONS {
             return Some(least.clone());
@@ -280,7 +288,7 @@ impl<B: SendBody> Pool<B> {
     }
 
     async fn connect(&self, authority: &Authority) -> Result<Conn<B>, ConnectError> {
-        let stream = connect_tcp(authority, self.connect_timeout).await?;
+        let stream = connect_tcp(authority, self.config.connect_timeout).await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             // Notice an upstream that vanished without closing: a ping
@@ -297,6 +305,7 @@ impl<B: SendBody> Pool<B> {
             // starts at 100).
             max_streams: AtomicUsize::new(100),
             closed: AtomicBool::new(false),
+            opened: Instant::now(),
             last_used: AtomicU64::new(self.now_ms()),
         });
         // The connection runs in a task of its own (see the module docs),
@@ -338,13 +347,13 @@ impl<B: SendBody> Pool<B> {
     /// it once its streams are done.
     pub(crate) fn sweep(&self) {
         let now = self.now_ms();
-        let limit = u64::try_from(self.idle_timeout.as_millis()).unwrap_or(u64::MAX);
+        let limit = u64::try_from(self.config.idle_timeout.as_millis()).unwrap_or(u64::MAX);
         let mut conns = self.conns.lock().expect("http2 pool lock");
         for list in conns.values_mut() {
             list.retain(|c| {
                 let idle =
                     c.load() == 0 && now.saturating_sub(c.shared.last_used.load(Relaxed)) > limit;
-                c.open() && !idle
+                self.usable(c) && !idle
             });
         }
         conns.retain(|_, list| !list.is_empty());

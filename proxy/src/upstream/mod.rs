@@ -90,6 +90,20 @@ pub(crate) struct UpstreamConfig {
     pub(crate) connect_timeout: Duration,
     /// An idle connection older than this is closed instead of reused.
     pub(crate) idle_timeout: Duration,
+    /// A connection older than this (since it was opened) takes no new
+    /// request: an HTTP/1.1 one is closed when it comes back idle, an
+    /// HTTP/2 one is left to finish its streams. kube-proxy picks a pod
+    /// per connection, so without this a long-lived connection to a
+    /// Service pins one pod for good, and pods added by a scale-up or a
+    /// rolling update get nothing from the connections already open.
+    pub(crate) max_age: Option<Duration>,
+}
+
+impl UpstreamConfig {
+    /// Whether a connection opened at `opened` may take another request.
+    pub(crate) fn young(&self, opened: Instant) -> bool {
+        self.max_age.is_none_or(|max| opened.elapsed() < max)
+    }
 }
 
 /// Why no response came back.
@@ -151,6 +165,8 @@ struct Conn<B: SendBody> {
     /// `None` once the connection has ended. Boxed: a `Conn` moves in and
     /// out of the pool on every request, and hyper's state is large.
     driver: Option<Pin<Box<Driver<B>>>>,
+    /// When it was opened, for [`UpstreamConfig::max_age`].
+    opened: Instant,
 }
 
 impl<B: SendBody> std::fmt::Debug for Conn<B> {
@@ -189,7 +205,7 @@ impl<B: SendBody> Upstreams<B> {
     pub(crate) fn new(config: UpstreamConfig) -> Arc<Self> {
         Arc::new(Upstreams {
             idle: Mutex::new(HashMap::new()),
-            h2: http2::Pool::new(config.connect_timeout, config.idle_timeout),
+            h2: http2::Pool::new(config.clone()),
             config,
         })
     }
@@ -332,6 +348,11 @@ impl<B: SendBody> Upstreams<B> {
                 return None;
             }
             let mut conn = idle.conn;
+            if !self.config.young(conn.opened) {
+                // Too old: dropped, which closes it; the next one may be
+                // younger.
+                continue;
+            }
             // Without this task's waker: the request this connection takes
             // next would wake it for nothing. The exchange polls it with the
             // real waker right after.
@@ -361,6 +382,7 @@ impl<B: SendBody> Upstreams<B> {
         Ok(Conn {
             sender,
             driver: Some(Box::pin(driver)),
+            opened: Instant::now(),
         })
     }
 
@@ -372,7 +394,11 @@ impl<B: SendBody> Upstreams<B> {
         let limit = self.config.idle_timeout;
         let mut pool = self.idle.lock().expect("upstream pool lock");
         for list in pool.values_mut() {
-            list.retain_mut(|idle| idle.since.elapsed() <= limit && idle.conn.drive(&mut cx));
+            list.retain_mut(|idle| {
+                idle.since.elapsed() <= limit
+                    && self.config.young(idle.conn.opened)
+                    && idle.conn.drive(&mut cx)
+            });
         }
         pool.retain(|_, list| !list.is_empty());
         drop(pool);
@@ -554,6 +580,7 @@ mod tests {
         Upstreams::new(UpstreamConfig {
             connect_timeout: Duration::from_secs(2),
             idle_timeout,
+            max_age: None,
         })
     }
 
