@@ -695,10 +695,9 @@ async fn every_metric_in_the_docs_is_exported_and_every_exported_one_is_document
     // canary: fails every answer; dead: nothing listens there.
     let stable = grpc_upstream("stable", Behaviour::default()).await;
     let canary = backend("v2", 1.0, Duration::ZERO).await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // Port 1 of a loopback address no test binds: refused, always (a port
+    // bound and closed could be reused by a parallel test's listener).
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 254], 1));
     let dir = tempfile::tempdir().unwrap();
     let routes = dir.path().join("routes.toml");
     std::fs::write(

@@ -17,10 +17,11 @@ use common::*;
 use http::{Request, StatusCode};
 use http_body_util::Empty;
 
-/// An address where nothing listens: bound, then closed.
+/// An address where nothing listens: port 1 of a loopback address no test
+/// binds. (A port bound and then closed can be handed to another test's
+/// listener running in parallel, which then accepts and never answers.)
 async fn dead_addr() -> SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap()
+    SocketAddr::from(([127, 0, 0, 254], 1))
 }
 
 /// `n` unary calls, `concurrency` at a time; the answers in order.

@@ -15,10 +15,9 @@ use common::*;
 async fn a_known_mix_of_requests_is_counted_exactly_per_version_and_code() {
     let stable = backend("v1", 0.0, Duration::ZERO).await;
     let canary = backend("v2", 1.0, Duration::ZERO).await;
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    }; // dropped: nothing listens there any more
+    // Port 1 of a loopback address no test binds: refused, always (a port
+    // bound and closed could be reused by a parallel test's listener).
+    let dead = std::net::SocketAddr::from(([127, 0, 0, 254], 1));
     let mut proxy = TestProxy::start(&routes(
         &[
             ("stable", stable.addr(), 1),
