@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime};
 use http::HeaderValue;
 
 use crate::clock::Clock;
+use crate::endpoints::{Endpoints, Resolve};
 use crate::guard::{Criterion, Judgment, Trip, Verdicts};
 use crate::metrics::{Metrics, VersionMetrics};
 use crate::routes::{RollbackPolicy, RouteTable, VersionSpec};
@@ -53,6 +54,10 @@ struct Inner {
     /// Latched rollbacks, with the entry they were latched for: only a
     /// change of that entry clears them.
     latches: HashMap<String, Latch>,
+    /// Per version name: its endpoints, kept while its upstream and
+    /// discovery stay the same (a discovery task lives as long as they do).
+    endpoints: HashMap<String, Arc<Endpoints>>,
+    resolver: Arc<dyn Resolve>,
     reload: ReloadStatus,
 }
 
@@ -90,6 +95,7 @@ impl Control {
         table: RouteTable,
         metrics: Arc<Metrics>,
         clock: Arc<dyn Clock>,
+        resolver: Arc<dyn Resolve>,
     ) -> Arc<Self> {
         let now = clock.wall();
         let mut inner = Inner {
@@ -98,6 +104,8 @@ impl Control {
             version_metrics: HashMap::new(),
             judgments: HashMap::new(),
             latches: HashMap::new(),
+            endpoints: HashMap::new(),
+            resolver,
             reload: ReloadStatus {
                 last_success: Some(now),
                 ..Default::default()
@@ -274,6 +282,12 @@ fn build(inner: &mut Inner, table: Arc<RouteTable>, metrics: &Metrics) -> Snapsh
     inner
         .judgments
         .retain(|name, _| table.index_of(name).is_some());
+    inner.endpoints.retain(|name, set| {
+        table.index_of(name).is_some_and(|i| {
+            let spec = &table.versions[i];
+            set.upstream == spec.upstream.authority && set.discovery == spec.discovery
+        })
+    });
 
     let mut versions = Vec::with_capacity(table.versions.len());
     for (index, spec) in table.versions.iter().enumerate() {
@@ -298,6 +312,18 @@ fn build(inner: &mut Inner, table: Arc<RouteTable>, metrics: &Metrics) -> Snapsh
                 judgment
             }
         };
+        let endpoints = inner
+            .endpoints
+            .entry(spec.name.clone())
+            .or_insert_with(|| {
+                let authority = spec.upstream.authority.clone();
+                if spec.discovery {
+                    Endpoints::discovered(authority, vm.clone(), inner.resolver.clone())
+                } else {
+                    Endpoints::fixed(authority, vm.clone())
+                }
+            })
+            .clone();
         versions.push(VersionRuntime {
             name: spec.name.as_str().into(),
             index,
@@ -307,6 +333,7 @@ fn build(inner: &mut Inner, table: Arc<RouteTable>, metrics: &Metrics) -> Snapsh
                 .expect("an authority is a valid header value"),
             rewrite_host: spec.rewrite_host,
             protocol: spec.protocol,
+            endpoints,
             metrics: vm,
             judgment,
             rollback: inner.latches.get(&spec.name).map(|l| l.record.clone()),
@@ -406,7 +433,12 @@ mod tests {
     impl Fixture {
         fn new(table: RouteTable) -> Self {
             let clock = Arc::new(ManualClock::new(SystemTime::UNIX_EPOCH + START));
-            let control = Control::new(table, Metrics::new(), clock.clone());
+            let control = Control::new(
+                table,
+                Metrics::new(),
+                clock.clone(),
+                crate::dns::Dns::new(None),
+            );
             Fixture { control, clock }
         }
 

@@ -48,6 +48,8 @@ mod clock;
 mod control;
 #[cfg(feature = "demo")]
 mod demo;
+mod dns;
+mod endpoints;
 mod event_loops;
 mod forward;
 mod grpc_status;

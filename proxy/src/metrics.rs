@@ -136,6 +136,9 @@ pub struct Metrics {
     rollback_active: IntGaugeVec,
     rollback_resets: IntCounterVec,
     retries: IntCounterVec,
+    endpoints: IntGaugeVec,
+    endpoint_ejections: IntCounterVec,
+    dns_refreshes: IntCounterVec,
     upstream_connections: IntCounterVec,
     tls_reloads: IntCounterVec,
     pub tls_cert_expiry: Gauge,
@@ -198,6 +201,9 @@ impl Metrics {
             rollback_active: registered(r, IntGaugeVec::new(opts("canary_proxy_rollback_active", "1 while a rollback of the version is latched."), v)),
             rollback_resets: registered(r, IntCounterVec::new(opts("canary_proxy_rollback_resets_total", "Latched rollbacks cleared because the operator changed the version's entry."), v)),
             retries: registered(r, IntCounterVec::new(opts("canary_proxy_retries_total", "Requests retried on the rollback target after a connect failure, by the version that failed."), v)),
+            endpoints: registered(r, IntGaugeVec::new(opts("canary_proxy_endpoints", "A version's endpoints (one without discovery; a pod each with discovery = \"dns\"), by state: healthy or ejected."), &["version", "state"])),
+            endpoint_ejections: registered(r, IntCounterVec::new(opts("canary_proxy_endpoint_ejections_total", "Endpoints ejected after failing several times in a row, by version."), v)),
+            dns_refreshes: registered(r, IntCounterVec::new(opts("canary_proxy_dns_refreshes_total", "DNS lookups of a version's upstream for discovery, by result (success, failure)."), &["version", "result"])),
             upstream_connections: registered(r, IntCounterVec::new(opts("canary_proxy_upstream_connections_opened_total", "Connections opened to a version's upstream; it grows with the peak of concurrent requests, then only when the pool cannot reuse one."), v)),
             tls_reloads: registered(r, IntCounterVec::new(opts("canary_proxy_tls_reloads_total", "TLS certificate reload attempts, by result (success, failure)."), &["result"])),
             tls_cert_expiry: registered(r, Gauge::with_opts(opts("canary_proxy_tls_cert_expiry_timestamp_seconds", "Unix time at which the served TLS certificate expires."))),
@@ -230,6 +236,9 @@ impl Metrics {
             upstream_errors: UpstreamErrorKind::ALL
                 .map(|k| self.upstream_errors.with_label_values(&[name, k.as_str()])),
             retries: self.retries.with_label_values(&[name]),
+            endpoint_ejections: self.endpoint_ejections.with_label_values(&[name]),
+            dns_refreshes: ["success", "failure"]
+                .map(|r| self.dns_refreshes.with_label_values(&[name, r])),
             upstream_connections: self.upstream_connections.with_label_values(&[name]),
             rollbacks: self.rollbacks.with_label_values(&[name]),
             rollback_resets: self.rollback_resets.with_label_values(&[name]),
@@ -277,9 +286,26 @@ impl Metrics {
             &self.rollback_resets,
             &self.retries,
             &self.upstream_connections,
+            &self.endpoint_ejections,
         ] {
             let _ = vec.remove_label_values(&[name]);
         }
+        for label in ["success", "failure"] {
+            let _ = self.dns_refreshes.remove_label_values(&[name, label]);
+        }
+        for state in ["healthy", "ejected"] {
+            let _ = self.endpoints.remove_label_values(&[name, state]);
+        }
+    }
+
+    /// A version's endpoints by state, set just before a scrape.
+    pub(crate) fn set_endpoints(&self, name: &str, healthy: usize, ejected: usize) {
+        self.endpoints
+            .with_label_values(&[name, "healthy"])
+            .set(healthy as i64);
+        self.endpoints
+            .with_label_values(&[name, "ejected"])
+            .set(ejected as i64);
     }
 
     /// The routing state of a version, as a snapshot publishes it.
@@ -396,6 +422,9 @@ pub struct VersionMetrics {
     pub in_flight: IntGauge,
     upstream_errors: [IntCounter; 3],
     pub retries: IntCounter,
+    pub(crate) endpoint_ejections: IntCounter,
+    /// `canary_proxy_dns_refreshes_total`: success, failure.
+    dns_refreshes: [IntCounter; 2],
     pub upstream_connections: IntCounter,
     pub rollbacks: IntCounter,
     pub rollback_resets: IntCounter,
@@ -415,6 +444,11 @@ impl std::fmt::Debug for VersionMetrics {
 const GRPC_SLOTS: usize = 18;
 
 impl VersionMetrics {
+    /// One discovery lookup of the version's upstream.
+    pub(crate) fn dns_refresh(&self, ok: bool) {
+        self.dns_refreshes[usize::from(!ok)].inc();
+    }
+
     /// One gRPC call answered with `grpc_status` (its slot and label).
     pub(crate) fn grpc_answered(&self, slot: usize, label: &'static str) {
         let (_, counter) = self.grpc[slot.min(GRPC_SLOTS - 1)].get_or_init(|| {

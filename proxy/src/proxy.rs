@@ -41,6 +41,9 @@ pub struct RunConfig {
     /// that calls [`Proxy::start`]; N > 1 starts N threads, each with an
     /// event loop of its own.
     pub threads: usize,
+    /// The name server DNS discovery asks; `None` (the default) uses the
+    /// system's configuration, `/etc/resolv.conf`.
+    pub dns_server: Option<std::net::SocketAddr>,
 }
 
 impl RunConfig {
@@ -54,6 +57,7 @@ impl RunConfig {
             watch: WatchConfig::default(),
             tls: None,
             threads: 1,
+            dns_server: None,
         }
     }
 }
@@ -131,7 +135,12 @@ impl Proxy {
         };
 
         let metrics = Metrics::new();
-        let control = Control::new(table, metrics, Arc::new(SystemClock::new()));
+        let control = Control::new(
+            table,
+            metrics,
+            Arc::new(SystemClock::new()),
+            crate::dns::Dns::new(config.dns_server),
+        );
         let verdicts: Arc<dyn Verdicts> = control.clone();
         let event_loops = Arc::new(
             EventLoops::start(

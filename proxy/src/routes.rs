@@ -95,6 +95,9 @@ pub(crate) struct VersionSpec {
     pub rewrite_host: bool,
     /// How the proxy speaks to the upstream.
     pub(crate) protocol: Protocol,
+    /// `discovery = "dns"`: the upstream names a headless Service, and
+    /// every address it resolves to is an endpoint (see `endpoints`).
+    pub(crate) discovery: bool,
 }
 
 /// An upstream base URL reduced to what the proxy uses: scheme and authority.
@@ -366,7 +369,7 @@ macro_rules! raw_table {
 
 raw_table!(
     /// `[versions.NAME]`
-    RawVersion { upstream, weight, rewrite_host, protocol }
+    RawVersion { upstream, weight, rewrite_host, protocol, discovery }
 );
 
 raw_table!(
@@ -515,6 +518,21 @@ fn validate(raw: RawRoutes, lines: &LineIndex) -> Result<RouteTable, Vec<Problem
                 }
             },
         };
+        let discovery = match raw.discovery {
+            None => false,
+            Some(v) => match v.get_ref().as_str() {
+                Some("dns") => true,
+                Some("none") => false,
+                _ => {
+                    problems.add(
+                        format!("{key}.discovery"),
+                        Some(v.span()),
+                        format!("{} is not a discovery mode; use \"dns\" (the upstream names a headless Service: balance over every address it resolves to) or leave it out (connect to the upstream as written)", show(v.get_ref())),
+                    );
+                    false
+                }
+            },
+        };
         if let (Some(upstream), Some(weight)) = (upstream, weight) {
             versions.push(VersionSpec {
                 name,
@@ -522,6 +540,7 @@ fn validate(raw: RawRoutes, lines: &LineIndex) -> Result<RouteTable, Vec<Problem
                 weight,
                 rewrite_host,
                 protocol,
+                discovery,
             });
         }
     }
@@ -1105,11 +1124,16 @@ impl RouteTable {
         for v in &self.versions {
             let share = 100.0 * v.weight as f64 / total;
             out.push_str(&format!(
-                "  {:<16} weight {:>7}  {:>8.3}%  -> {}{}{}\n",
+                "  {:<16} weight {:>7}  {:>8.3}%  -> {}{}{}{}\n",
                 v.name,
                 v.weight,
                 share,
                 v.upstream,
+                if v.discovery {
+                    " (every address from DNS)"
+                } else {
+                    ""
+                },
                 match v.protocol {
                     Protocol::Http1 => "",
                     Protocol::H2c => " over h2c",

@@ -4,6 +4,7 @@
 //! rollback in the middle of a request never shows it half of one config and
 //! half of another.
 
+use crate::endpoints::Endpoints;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -46,6 +47,10 @@ pub(crate) struct VersionRuntime {
     pub(crate) authority_header: HeaderValue,
     pub(crate) rewrite_host: bool,
     pub(crate) protocol: Protocol,
+    /// Where its requests go: the upstream itself, or the addresses DNS
+    /// discovery found; shared by every snapshot while the entry's
+    /// upstream and discovery stay the same.
+    pub(crate) endpoints: Arc<Endpoints>,
     pub(crate) metrics: Arc<VersionMetrics>,
     /// The version's evidence and decision; shared by every snapshot until
     /// the version's entry or the policy changes.

@@ -591,3 +591,26 @@ fn a_broken_target_entry_is_reported_once_and_a_wrong_name_with_the_choices() {
         &["`stabel` is not a version", "did you mean `stable`", "use one of `stable`, `canary`"],
     );
 }
+
+#[test]
+fn discovery_is_dns_or_left_out_and_shown() {
+    rejects(
+        &format!("{STABLE}discovery = \"k8s\"\n"),
+        &["versions.stable.discovery", "\"dns\"", "headless Service"],
+    );
+    rejects(
+        &format!("{STABLE}discovery = true\n"),
+        &["versions.stable.discovery"],
+    );
+    let c = check(&format!("{STABLE}discovery = \"dns\"\n"));
+    assert_eq!(c.code, Some(0), "{}", c.stderr);
+    assert!(
+        c.stdout
+            .contains("-> http://127.0.0.1:18081 (every address from DNS)\n"),
+        "{}",
+        c.stdout
+    );
+    let c = check(&format!("{STABLE}discovery = \"none\"\n"));
+    assert_eq!(c.code, Some(0), "{}", c.stderr);
+    assert!(!c.stdout.contains("every address"), "{}", c.stdout);
+}

@@ -166,6 +166,9 @@ fn refresh_gauges(control: &Control) {
         .filter_map(|(c, view)| Some((c, view.as_ref()?.evidence)))
         .collect();
         metrics.set_judgment(&v.name, &evidence, view.is_held());
+        let list = v.endpoints.list();
+        let ejected = list.iter().filter(|ep| v.endpoints.is_ejected(ep)).count();
+        metrics.set_endpoints(&v.name, list.len() - ejected, ejected);
     }
 }
 

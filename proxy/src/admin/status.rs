@@ -38,6 +38,11 @@ pub(crate) struct VersionView {
     pub(crate) upstream: String,
     /// How the proxy speaks to it: "http1" or "h2c".
     pub(crate) protocol: &'static str,
+    /// Where its requests go: one endpoint (the upstream as written)
+    /// without discovery, one per address with `discovery = "dns"`.
+    pub(crate) endpoints: Vec<EndpointView>,
+    /// DNS discovery's last lookups; `null` without discovery.
+    pub(crate) discovery: Option<DiscoveryView>,
     /// As configured, and its share of the configured total (0..1).
     pub(crate) weight: u64,
     pub(crate) share: f64,
@@ -49,6 +54,23 @@ pub(crate) struct VersionView {
     pub(crate) rolled_back: bool,
     pub(crate) rollback: Option<RollbackView>,
     pub(crate) judgment: JudgmentView,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct EndpointView {
+    /// IP and port; for an upstream written as a name (no discovery),
+    /// the name as written.
+    pub(crate) address: String,
+    /// `healthy`, or `ejected` after failing several times in a row.
+    pub(crate) state: &'static str,
+    pub(crate) in_flight: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub(crate) struct DiscoveryView {
+    pub(crate) last_success: Option<String>,
+    /// The last failed lookup; the last good endpoints stay in use.
+    pub(crate) last_error: Option<ReloadErrorView>,
 }
 
 #[derive(Debug, Serialize)]
@@ -152,6 +174,34 @@ impl Status {
                     name: spec.name.clone(),
                     upstream: spec.upstream.to_string(),
                     protocol: spec.protocol.as_str(),
+                    endpoints: rt
+                        .endpoints
+                        .list()
+                        .iter()
+                        .map(|ep| EndpointView {
+                            address: if rt.endpoints.discovery {
+                                ep.addr.to_string()
+                            } else {
+                                ep.authority.to_string()
+                            },
+                            state: if rt.endpoints.is_ejected(ep) {
+                                "ejected"
+                            } else {
+                                "healthy"
+                            },
+                            in_flight: ep.in_flight(),
+                        })
+                        .collect(),
+                    discovery: rt.endpoints.discovery.then(|| {
+                        let r = rt.endpoints.refresh_state();
+                        DiscoveryView {
+                            last_success: r.last_success.map(rfc3339),
+                            last_error: r.last_error.map(|(at, message)| ReloadErrorView {
+                                at: rfc3339(at),
+                                message,
+                            }),
+                        }
+                    }),
                     weight: spec.weight,
                     share,
                     effective_weight: snap.effective[rt.index],

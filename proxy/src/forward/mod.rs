@@ -49,6 +49,7 @@ use hyper::body::Incoming;
 use tokio_util::task::TaskTracker;
 
 use crate::body::Hooked;
+use crate::endpoints::{Endpoint, Lease};
 use crate::guard::{Outcome, Verdicts};
 use crate::metrics::{ClientErrorKind, Metrics, UpstreamErrorKind};
 use crate::snapshot::{Store, VersionRuntime};
@@ -170,6 +171,9 @@ struct Plan {
     /// there can happen at all.
     target: Option<usize>,
     call: Call,
+    /// The endpoint a connect failure just came from, when the request goes
+    /// to another endpoint of the same version (once).
+    failed_endpoint: Option<Arc<Endpoint>>,
 }
 
 /// What the request asked for that outlives its hop-by-hop headers.
@@ -394,6 +398,7 @@ impl Forwarder {
             Either::Left(body),
         );
         let pending = Pending::new(Recording {
+            endpoint: None,
             snap,
             recorder: self.recorder.clone(),
             index,
@@ -409,6 +414,7 @@ impl Forwarder {
             replayable,
             target,
             call,
+            failed_endpoint: None,
         })
     }
 
@@ -429,9 +435,34 @@ impl Forwarder {
             let attempt = &snap.versions[plan.pending.recording().index];
             // The request, when a failure to connect gave it back.
             let mut unsent = None;
+            let lease = self.endpoint(attempt, plan.failed_endpoint.as_ref()).await;
+            let Some(lease) = lease else {
+                // Discovery has found no address (yet): like a connect
+                // failure, nothing was sent.
+                let failure = Failure::Connect(ConnectError::NoEndpoints);
+                match plan.target.take() {
+                    Some(target) => {
+                        let target_rt = &snap.versions[target];
+                        if log_limit::allow(Some(&first.name), LogKind::Retry) {
+                            tracing::warn!(version = %first.name, target = %target_rt.name, "the version has no endpoint; retrying once on the rollback target");
+                        }
+                        self.record_failed_attempt(plan.pending.recording(), &failure);
+                        first.metrics.retries.inc();
+                        plan.pending.switch_to(target);
+                        plan.request = headers::retarget(
+                            plan.request,
+                            target_rt,
+                            plan.original_host.as_ref(),
+                            plan.call.te_trailers,
+                        );
+                        continue;
+                    }
+                    None => break Err(failure),
+                }
+            };
             // No limit is a deadline that never comes: one path for both.
             let exchange = self.upstreams.send(
-                &attempt.authority,
+                &lease.endpoint.authority,
                 attempt.protocol,
                 plan.request,
                 &attempt.metrics.upstream_connections,
@@ -463,8 +494,32 @@ impl Forwarder {
             };
             let failure = match &outcome {
                 Err(failure) => failure,
-                Ok(_) => break outcome,
+                Ok(_) => {
+                    plan.pending.hold(lease);
+                    break outcome;
+                }
             };
+            // A pod that could not be reached: another pod of the same
+            // version first, once, when the request came back whole. The
+            // failure ejects pods, not versions: it is counted, but is no
+            // evidence against the version if a sibling answers.
+            if let (Failure::Connect(_), Some(request)) = (failure, unsent.take()) {
+                lease.report(false);
+                if plan.failed_endpoint.is_none() && attempt.endpoints.list().len() > 1 {
+                    attempt.metrics.upstream_error(UpstreamErrorKind::Connect);
+                    if log_limit::allow(Some(&attempt.name), LogKind::Retry) {
+                        tracing::warn!(version = %attempt.name, endpoint = %lease.endpoint.addr, error = %failure.describe(attempt), "endpoint failed before answering; retrying once on another endpoint of the version");
+                    }
+                    plan.failed_endpoint = Some(lease.endpoint.clone());
+                    plan.request = request;
+                    continue;
+                }
+                unsent = Some(request);
+            } else if failure.upstream_kind().is_some() {
+                lease.report(false);
+            } else {
+                plan.pending.hold(lease);
+            }
             let Some(target) = plan.target.take() else {
                 break outcome;
             };
@@ -497,6 +552,7 @@ impl Forwarder {
             self.record_failed_attempt(plan.pending.recording(), failure);
             first.metrics.retries.inc();
             plan.pending.switch_to(target);
+            plan.failed_endpoint = None;
             plan.request = again;
         };
         Ok(self.respond(
@@ -605,6 +661,20 @@ impl Forwarder {
                 response.map(|b| Hooked::new(Either::Right(b), obs))
             }
         }
+    }
+
+    /// An endpoint of `v` for one attempt, other than `except`. A version
+    /// whose discovery has not answered yet is waited for, up to the
+    /// connect timeout: a proxy just started, or a version just added.
+    async fn endpoint(&self, v: &VersionRuntime, except: Option<&Arc<Endpoint>>) -> Option<Lease> {
+        if let Some(lease) = v.endpoints.pick(except) {
+            return Some(lease);
+        }
+        if v.endpoints.discovery && except.is_none() {
+            v.endpoints.wait_ready(self.config.connect_timeout).await;
+            return v.endpoints.pick(None);
+        }
+        None
     }
 
     /// Count a failed attempt that another version answered: the error

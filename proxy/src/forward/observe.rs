@@ -21,6 +21,7 @@ use super::log_limit::{self, LogKind};
 use super::upload::UploadState;
 use super::UpstreamBody;
 use crate::body::{BodyHook, End, Hooked};
+use crate::endpoints::Lease;
 use crate::guard::{Outcome, Verdicts};
 use crate::metrics::{ClientErrorKind, Metrics, UpstreamErrorKind};
 use crate::snapshot::{Snapshot, Store, VersionRuntime};
@@ -63,6 +64,9 @@ pub(crate) struct Recording {
     /// The version answering (the target, after a retry).
     pub(crate) index: usize,
     pub(crate) start: Instant,
+    /// The endpoint answering, held (as one of its requests in flight)
+    /// until the request is recorded, and told how it went.
+    pub(crate) endpoint: Option<Lease>,
 }
 
 impl Recording {
@@ -72,6 +76,11 @@ impl Recording {
 
     /// Count the request once, and give its outcome to the judgment.
     fn record(&self, status: u16, outcome: Outcome) {
+        // Only an answer judged on errors says anything of the endpoint:
+        // a client's fault says nothing.
+        if let (Some(lease), Some(error)) = (&self.endpoint, outcome.error) {
+            lease.report(!error);
+        }
         let v = self.version();
         v.metrics.in_flight.dec();
         v.metrics.answered(status, self.start.elapsed());
@@ -99,6 +108,12 @@ impl Pending {
         rec.version().metrics.in_flight.dec();
         rec.index = index;
         rec.version().metrics.in_flight.inc();
+    }
+
+    /// The endpoint that answers, held until the request is recorded.
+    pub(crate) fn hold(&mut self, lease: Lease) {
+        let rec = self.0.as_mut().expect("a pending request is recorded once");
+        rec.endpoint = Some(lease);
     }
 
     /// The answer is here: its body records it from now on.

@@ -137,6 +137,8 @@ pub(crate) enum ConnectError {
     Handshake(#[source] hyper::Error),
     #[error("every HTTP/2 connection tried ended before the request could start")]
     Closed,
+    #[error("no endpoint: DNS discovery has found no address for the upstream yet")]
+    NoEndpoints,
     /// The connect this request waited for, opened by another, failed.
     #[error("{0}")]
     Shared(String),

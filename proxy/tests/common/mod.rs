@@ -21,6 +21,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 pub use ping_backend::testkit::{Listening, Process};
 
+pub mod dns;
 pub mod grpc;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
