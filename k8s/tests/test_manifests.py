@@ -280,9 +280,39 @@ def service_for_host(docs: list[dict], host: str, namespace: str) -> dict:
     return matches[0]
 
 
+def is_headless(service: dict) -> bool:
+    return service["spec"].get("clusterIP") == "None"
+
+
+# How stale the proxy's view of a headless Service can be: the TTL of its DNS
+# records. CoreDNS's kubernetes plugin answers with 5s unless told otherwise,
+# but the Corefile kubeadm (and so minikube) ships sets `ttl 30` (kubernetes
+# PR #76238, to match kube-dns) and `cache 30`; the proxy honours the TTL up
+# to 30s. Either way, a pod can stay in the proxy's set this long after it
+# leaves the Service.
+DNS_RECORD_TTL_SECONDS = 30
+
+
 def check_upstreams(docs: list[dict], routes: dict) -> None:
     """Every upstream is a Service of ours, on a port it has, reaching pods
-    that listen there; the versions' Services select disjoint pods."""
+    that listen there; the versions' Services select disjoint pods.
+
+    The Service's kind must fit the version's `discovery`:
+
+    - `discovery = "dns"`: a headless Service (clusterIP None). The proxy
+      resolves its name to every ready pod's address and balances each
+      request over them, connecting to POD_IP:<upstream port> with no
+      kube-proxy in between, so that port must be the one ping-backend
+      listens on (a Service's port -> targetPort mapping does not apply).
+      A ClusterIP Service would resolve to its one virtual IP: "discovery"
+      would find one endpoint, and kube-proxy would pick the pod per
+      connection again.
+    - no `discovery`: a ClusterIP Service. A headless name there would be
+      resolved by the connection pool like any host name, so each new
+      connection goes to whichever pod DNS round robin lists first, and
+      keep-alive connections pin it: worse than kube-proxy's pick, with
+      no balancing and no notice of pods that leave.
+    """
     proxy_ns = proxy_workload(docs)["metadata"].get("namespace")
     seen_workloads: dict[str, str] = {}
     for version, spec in routes["versions"].items():
@@ -291,6 +321,20 @@ def check_upstreams(docs: list[dict], routes: dict) -> None:
         assert url.port is not None, f"versions.{version}.upstream: give the Service port explicitly"
         service = service_for_host(docs, url.hostname, proxy_ns)
         svc_name = service["metadata"]["name"]
+        discovery = spec.get("discovery")
+        assert discovery in (None, "dns"), f"versions.{version}.discovery = {discovery!r}"
+        if discovery == "dns":
+            assert is_headless(service), (
+                f"versions.{version} has discovery = \"dns\" but its upstream names the "
+                f"ClusterIP Service {svc_name}, which resolves to one virtual IP; name the "
+                f"version's headless Service (clusterIP: None)"
+            )
+        else:
+            assert not is_headless(service), (
+                f"versions.{version}.upstream names the headless Service {svc_name} without "
+                f"discovery = \"dns\": each connection would go to one pod by DNS round robin; "
+                f"add discovery = \"dns\" or name the ClusterIP Service"
+            )
         ports = [p for p in service["spec"]["ports"] if p["port"] == url.port]
         assert ports, (
             f"versions.{version}.upstream: Service {svc_name} has no port {url.port} "
@@ -309,6 +353,21 @@ def check_upstreams(docs: list[dict], routes: dict) -> None:
             f"Service {svc_name} sends port {url.port} to container port {target}, "
             f"but ping-backend listens on {listen}"
         )
+        if discovery == "dns":
+            assert url.port == listen_port(listen), (
+                f"versions.{version}.upstream: with discovery the proxy connects to each pod on "
+                f"port {url.port}, but ping-backend listens on {listen}"
+            )
+            # The Service publishes the Deployment's pods and only those:
+            # its selector is the Deployment's own, and selects no other.
+            assert service["spec"]["selector"] == workload["spec"]["selector"].get("matchLabels"), (
+                f"headless Service {svc_name} (version {version}) must select the pods of "
+                f"Deployment {workload['metadata']['name']} by that Deployment's selector"
+            )
+            assert not service["spec"].get("publishNotReadyAddresses", False), (
+                f"headless Service {svc_name} publishes pods that are not ready; the proxy "
+                f"would send requests to starting and draining pods"
+            )
         assert listens_on_all_interfaces(listen), f"{workload['metadata']['name']}: {listen} is not reachable from other pods"
         other = seen_workloads.setdefault(workload["metadata"]["name"], version)
         assert other == version, f"versions {other} and {version} reach the same Deployment"
@@ -364,6 +423,26 @@ def test_routes_upstreams_are_our_services(docs):
     check_upstreams(docs, tomllib.loads(routes_text(docs)))
 
 
+def test_upstream_check_tells_headless_from_clusterip():
+    """Proof that check_upstreams holds each version's Service kind to its
+    `discovery`, whatever the shipped routes use: a discovery version on a
+    ClusterIP Service, and a plain version on a headless one, both fail."""
+    docs = copy.deepcopy(list(render(K8S)))
+
+    def routes(stable: dict) -> dict:
+        return {"versions": {
+            "stable": stable,
+            "canary": {"upstream": "http://ping-canary:8080"},
+        }}
+
+    check_upstreams(docs, routes({"upstream": "http://ping-stable-headless:8080", "discovery": "dns"}))
+    check_upstreams(docs, routes({"upstream": "http://ping-stable:8080"}))
+    with pytest.raises(AssertionError, match="names the ClusterIP Service ping-stable"):
+        check_upstreams(docs, routes({"upstream": "http://ping-stable:8080", "discovery": "dns"}))
+    with pytest.raises(AssertionError, match="names the headless Service ping-stable-headless"):
+        check_upstreams(docs, routes({"upstream": "http://ping-stable-headless:8080"}))
+
+
 def test_rollback_target_is_the_version_the_alerts_watch(docs):
     routes = tomllib.loads(routes_text(docs))
     target = routes.get("rollback", {}).get("target")
@@ -407,6 +486,47 @@ def test_selectors_match_pod_labels(docs):
                for p in of_kind(docs, "PodDisruptionBudget")), "the proxy has no PodDisruptionBudget"
 
 
+def test_each_ping_deployment_has_a_clusterip_and_a_headless_service(docs):
+    """NAME (ClusterIP: kube-proxy picks a pod per connection) for routes
+    without discovery and for anything else that calls the ping pods;
+    NAME-headless (one DNS record per ready pod) for `discovery = "dns"`.
+    Both publish the same pods on the same ports."""
+    for workload in ping_workloads(docs):
+        name = workload["metadata"]["name"]
+        clusterip = one(docs, "Service", name)
+        headless = one(docs, "Service", f"{name}-headless")
+        assert not is_headless(clusterip) and clusterip["spec"].get("type", "ClusterIP") == "ClusterIP", name
+        assert is_headless(headless), f"Service {name}-headless: set clusterIP: None"
+        assert headless["spec"].get("type", "ClusterIP") == "ClusterIP", f"Service {name}-headless"
+        # Only ready pods: readiness (503 from SIGTERM on) is what takes a
+        # pod out of the proxy's set.
+        assert headless["spec"].get("publishNotReadyAddresses") is False, f"Service {name}-headless"
+        assert headless["spec"]["selector"] == clusterip["spec"]["selector"], f"Service {name}-headless: selector"
+        assert headless["spec"]["ports"] == clusterip["spec"]["ports"], f"Service {name}-headless: ports"
+        assert selected_workloads(docs, headless["spec"]["selector"]) == [workload], f"Service {name}-headless"
+
+
+def test_ping_pods_drain_until_dns_forgets_them(docs):
+    """A pod behind a headless Service leaves the proxy's endpoints only
+    when the proxy next resolves the name: after its readiness probe fails
+    (the pod leaves the Service) and the DNS answer that still listed it
+    expires. It must keep serving through that, or requests sent to it in
+    the meantime meet a closed port."""
+    published = [w for s in of_kind(docs, "Service") if is_headless(s)
+                 for w in selected_workloads(docs, s["spec"]["selector"])]
+    assert published, "no headless Service publishes any pods"
+    for workload in published:
+        container = container_of(workload, "ping-backend")
+        probe = container["readinessProbe"]
+        noticed = probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3) + probe.get("timeoutSeconds", 1)
+        need = noticed + DNS_RECORD_TTL_SECONDS
+        drain = seconds(setting(container, PING, "drain"))
+        assert drain >= need, (
+            f"{workload['metadata']['name']}: {PING['drain_env']} {drain:g}s < readiness "
+            f"failure ({noticed}s) + DNS record TTL ({DNS_RECORD_TTL_SECONDS}s)"
+        )
+
+
 def test_service_target_ports_exist(docs):
     for service in of_kind(docs, "Service"):
         for workload in selected_workloads(docs, service["spec"]["selector"]):
@@ -441,6 +561,84 @@ def test_network_policy_lets_only_the_proxy_reach_ping_pods(docs):
                 for w in pings:
                     c = container_of(w, "ping-backend")
                     assert resolve_port(c, port["port"]) == listen_port(setting(c, PING, "listen"))
+
+
+# Where a pod's DNS queries go: the cluster DNS (CoreDNS keeps the kube-dns
+# name and label for compatibility), on port 53 over UDP and TCP.
+CLUSTER_DNS = {
+    "namespace_labels": {"kubernetes.io/metadata.name": "kube-system"},
+    "pod_labels": {"k8s-app": "kube-dns"},
+    "ports": [(53, "dns", "UDP"), (53, "dns-tcp", "TCP")],
+}
+
+
+def egress_allowed(docs: list[dict], source: dict, namespace_labels: dict, labels: dict,
+                   port: int, port_name: str, protocol: str) -> bool:
+    """Whether NetworkPolicy lets `source`'s pods open a connection to a pod
+    with `labels` in a namespace with `namespace_labels`, on port/protocol:
+    allowed unless a policy with Egress selects the source pods, and then
+    only if a rule of one of them admits the peer and the port."""
+    src_ns = source["metadata"].get("namespace")
+    policies = [p for p in of_kind(docs, "NetworkPolicy")
+                if p["metadata"].get("namespace") == src_ns
+                and "Egress" in p["spec"].get("policyTypes", [])
+                and selects(p["spec"]["podSelector"], pod_labels(source))]
+    if not policies:
+        return True
+
+    def peer_matches(peer: dict) -> bool:
+        if "ipBlock" in peer:
+            return False  # pod IPs are not known offline; say it with a selector
+        if "namespaceSelector" in peer:
+            if not selects(peer["namespaceSelector"], namespace_labels):
+                return False
+        elif namespace_labels.get("kubernetes.io/metadata.name") != src_ns:
+            return False  # a bare podSelector means the policy's own namespace
+        return selects(peer.get("podSelector", {}), labels)
+
+    def port_matches(rule_port: dict) -> bool:
+        if rule_port.get("protocol", "TCP") != protocol:
+            return False
+        wanted = rule_port.get("port")
+        if wanted is None:
+            return True
+        if isinstance(wanted, str):
+            return wanted == port_name
+        return wanted <= port <= rule_port.get("endPort", wanted)
+
+    for policy in policies:
+        for rule in policy["spec"].get("egress", []):
+            peers, ports = rule.get("to"), rule.get("ports")
+            if (not peers or any(peer_matches(p) for p in peers)) and \
+                    (not ports or any(port_matches(p) for p in ports)):
+                return True
+    return False
+
+
+def test_network_policy_lets_the_proxy_resolve_and_reach_ping_pods(docs):
+    """With `discovery = "dns"` the proxy looks names up itself, every few
+    seconds, and connects to pod IPs on the pods' own port rather than to a
+    ClusterIP. NetworkPolicy sees pod IPs either way (kube-proxy translates
+    before it), so what the proxy needs is egress to the cluster DNS on 53
+    (UDP and TCP: large answers fall back to TCP) and to the ping pods by
+    their labels on their listen port. Today no policy restricts the proxy's
+    egress; this keeps it so should one ever be added."""
+    proxy = proxy_workload(docs)
+    for protocol_port, port_name, protocol in CLUSTER_DNS["ports"]:
+        assert egress_allowed(docs, proxy, CLUSTER_DNS["namespace_labels"], CLUSTER_DNS["pod_labels"],
+                              protocol_port, port_name, protocol), (
+            f"NetworkPolicy blocks the proxy's DNS queries ({protocol} 53 to kube-dns in kube-system)"
+        )
+    ns_labels = {"kubernetes.io/metadata.name": proxy["metadata"].get("namespace")}
+    for workload in ping_workloads(docs):
+        container = container_of(workload, "ping-backend")
+        port = listen_port(setting(container, PING, "listen"))
+        names = [p.get("name", "") for p in container["ports"] if p["containerPort"] == port]
+        assert egress_allowed(docs, proxy, ns_labels, pod_labels(workload), port,
+                              names[0] if names else "", "TCP"), (
+            f"NetworkPolicy blocks the proxy's connections to {workload['metadata']['name']}'s "
+            f"pods on port {port}"
+        )
 
 
 # --- tests: the binaries' flags ----------------------------------------------------------------
