@@ -447,3 +447,35 @@ async fn a_slow_pod_gets_fewer_requests_under_concurrency() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2c_versions_balance_per_request_over_pods_too() {
+    // Long-lived HTTP/2 connections must not pin a pod: each pod gets its
+    // own few multiplexed connections, and each request picks a pod.
+    let dns = DnsServer::start().await;
+    let (port, pods) = pods(&["a", "b", "c"], &[]).await;
+    dns.set(NAME, &ips(&pods.iter().collect::<Vec<_>>()), 5);
+    let routes = routes_for(port, false, None).replace(
+        "discovery = \"dns\"",
+        "discovery = \"dns\"\nprotocol = \"h2c\"",
+    );
+    let proxy = proxy_on(&dns, &routes).await;
+    let t = run_for(proxy.addr, 8, 1500).await;
+    assert_eq!(t.failed, 0, "{:?}", t.first_failure);
+    assert_thirds(&t, &["a", "b", "c"], "h2c, 8 concurrent clients");
+    let sequential = run_for(proxy.addr, 1, 300).await;
+    assert_thirds(&sequential, &["a", "b", "c"], "h2c, one sequential client");
+    let text = proxy.metrics().await;
+    let opened = by_version(
+        &text,
+        "canary_proxy_upstream_connections_opened_total",
+        "canary",
+    )
+    .unwrap_or(0.0);
+    // A few connections per pod, not one per request.
+    assert!(
+        (3.0..=12.0).contains(&opened),
+        "{opened} connections for 1800 requests"
+    );
+    proxy.shutdown().await;
+}
