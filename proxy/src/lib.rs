@@ -13,7 +13,9 @@
 //! request body and notes how it ended, `forward::retry` retries once on
 //! the target, `forward::upgrade` tunnels WebSockets, `forward::answer`
 //! makes the proxy's own answers, `forward::log_limit` keeps per-request
-//! logs bounded) -> `upstream` (the keep-alive pool of each event loop) ->
+//! logs bounded) -> `endpoints` (which address of the version: power of
+//! two choices, ejection; `dns` refreshes a discovered set) -> `upstream`
+//! (the keep-alive pools of each event loop, one per address) ->
 //! `forward::observe` (one record per request, into `metrics` and the
 //! version's `guard::Judgment`). `body` is the body wrapper both `upstream`
 //! and `observe` use.
