@@ -562,6 +562,21 @@ fn validate(raw: RawRoutes, lines: &LineIndex) -> Result<RouteTable, Vec<Problem
     }
 }
 
+/// A TOML array as strings: strings as they are, anything else (a number)
+/// as written, for the code parsers to accept or name; `None` when the
+/// value is not an array.
+fn list_items(value: &toml::Value) -> Option<Vec<String>> {
+    value.as_array().map(|a| {
+        a.iter()
+            .map(|i| {
+                i.as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| i.to_string())
+            })
+            .collect()
+    })
+}
+
 fn validate_rollback(
     raw: Spanned<RawRollback>,
     versions: &[VersionSpec],
@@ -654,15 +669,7 @@ fn validate_rollback(
     let error_codes = match &raw.error_codes {
         None => ErrorCodes::default(),
         Some(v) => {
-            let items: Option<Vec<String>> = v.get_ref().as_array().map(|a| {
-                a.iter()
-                    .map(|i| {
-                        i.as_str()
-                            .map(str::to_owned)
-                            .unwrap_or_else(|| i.to_string())
-                    })
-                    .collect()
-            });
+            let items = list_items(v.get_ref());
             match items.ok_or_else(|| "must be a list of strings like [\"5xx\", \"429\"]".to_string()).and_then(|i| {
                 if i.is_empty() {
                     Err("is empty, so nothing would count as an error; use a list like [\"5xx\"]".to_string())
@@ -681,15 +688,7 @@ fn validate_rollback(
     let grpc_error_codes = match &raw.grpc_error_codes {
         None => GrpcCodes::default(),
         Some(v) => {
-            let items: Option<Vec<String>> = v.get_ref().as_array().map(|a| {
-                a.iter()
-                    .map(|i| {
-                        i.as_str()
-                            .map(str::to_owned)
-                            .unwrap_or_else(|| i.to_string())
-                    })
-                    .collect()
-            });
+            let items = list_items(v.get_ref());
             match items
                 .ok_or_else(|| "must be a list like [\"INTERNAL\", \"UNAVAILABLE\"]".to_string())
                 .and_then(|i| GrpcCodes::parse(&i))

@@ -61,11 +61,17 @@ pub(crate) fn response(status: StatusCode, text: &str, id: RequestId) -> Respons
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    tag(headers, id);
+    resp
+}
+
+/// Put the request id on one of the proxy's own answers, as the log line
+/// of its failure has it.
+pub(super) fn tag(headers: &mut http::HeaderMap, id: RequestId) {
     headers.insert(
         REQUEST_ID,
         HeaderValue::from_str(&id.to_string()).expect("hex digits are a valid header value"),
     );
-    resp
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 
-use super::answer::{RequestId, REQUEST_ID};
+use super::answer::{self, RequestId};
 pub(crate) use crate::grpc_status::{Code, GrpcCodes, DEADLINE_EXCEEDED, UNAVAILABLE};
 
 const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
@@ -85,10 +85,7 @@ pub(crate) fn failure_response(code: u8, text: &str, id: RequestId) -> Response<
     if let Ok(v) = HeaderValue::from_str(&message) {
         headers.insert(GRPC_MESSAGE, v);
     }
-    headers.insert(
-        REQUEST_ID,
-        HeaderValue::from_str(&id.to_string()).expect("hex digits are a valid header value"),
-    );
+    answer::tag(headers, id);
     resp
 }
 
