@@ -131,14 +131,20 @@ fn load(
         .collect()
 }
 
+/// Stop the clients `load` started, and wait for them.
+async fn stop_load(stop: &AtomicBool, tasks: Vec<tokio::task::JoinHandle<()>>) {
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
 async fn run_for(addr: SocketAddr, clients: usize, n: u64) -> Tally {
     let tally = Arc::new(Mutex::new(Tally::default()));
-    let stop = Arc::new(AtomicBool::new(false));
     let per = n / clients as u64;
     let tasks: Vec<_> = (0..clients)
         .map(|_| {
             let tally = tally.clone();
-            let _ = &stop;
             tokio::spawn(async move {
                 let c = client();
                 for _ in 0..per {
@@ -248,15 +254,16 @@ async fn a_new_pod_gets_its_share_within_two_refreshes_and_a_removed_one_costs_n
 
     // A rolling update's last step: the pod leaves DNS, then stops.
     dns.set(NAME, &ips(&[&pods[0], &pods[1]]), 1);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    eventually(Duration::from_secs(5), "the proxy drops pod c", || async {
+        let status = proxy.status().await;
+        (status["versions"][0]["endpoints"].as_array()?.len() == 2).then_some(())
+    })
+    .await;
     let c = pods.remove(2);
     c.shutdown().await.unwrap();
     let before = tally.lock().unwrap().by_pod.get("c").copied();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
+    stop_load(&stop, tasks).await;
     {
         let t = tally.lock().unwrap();
         assert_eq!(t.failed, 0, "{:?}", t.first_failure);
@@ -305,10 +312,7 @@ async fn a_killed_pod_is_ejected_and_retried_with_no_client_error_and_no_rollbac
     })
     .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
+    stop_load(&stop, tasks).await;
     {
         let t = tally.lock().unwrap();
         assert_eq!(t.failed, 0, "{:?}", t.first_failure);
