@@ -24,7 +24,7 @@ use crate::guard::{Criterion, Judgment, Trip, Verdicts};
 use crate::metrics::{Metrics, VersionMetrics};
 use crate::routes::{RollbackPolicy, RouteTable, VersionSpec};
 use crate::snapshot::{RollbackRecord, Snapshot, Store, VersionRuntime};
-use crate::split::Split;
+use crate::split::{Rendezvous, Split};
 
 /// The window `/status` counts over when the routes file has no policy.
 const DEFAULT_WINDOW: Duration = Duration::from_secs(30);
@@ -355,12 +355,22 @@ fn build(inner: &mut Inner, table: Arc<RouteTable>, metrics: &Metrics) -> Snapsh
         .set(policy.map_or(0.0, |p| p.error_rate));
     let snapshot = Snapshot {
         split: Split::new(effective.iter().copied()),
+        // On the configured weights: a rolled-back version's keys go to
+        // the target one by one (`Snapshot::serving`), and come back to it
+        // after the reset, while every other key stays where it was.
+        sticky: table
+            .sticky
+            .as_ref()
+            .map(|_| Rendezvous::new(table.versions.iter().map(|v| (v.name.as_str(), v.weight)))),
         effective: effective.into(),
         versions: versions.into(),
         table,
         loaded_at: inner.loaded_at,
         generation: inner.generation,
     };
+    if let Some(m) = &snapshot.table.mirror {
+        metrics.mirror_configured(&snapshot.versions[m.version].name);
+    }
     for v in snapshot.versions.iter() {
         let (configured, effective) = snapshot.shares(v.index);
         let tripped = v.rollback.as_ref().map(|r| r.criterion);

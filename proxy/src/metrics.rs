@@ -141,6 +141,12 @@ pub struct Metrics {
     dns_refreshes: IntCounterVec,
     upstream_connections: IntCounterVec,
     tls_reloads: IntCounterVec,
+    override_requests: IntCounterVec,
+    mirror_requests: IntCounterVec,
+    mirror_dropped: IntCounterVec,
+    /// Copies being sent now, all versions: the count `[mirror]
+    /// max_in_flight` bounds (see `forward::mirror`).
+    pub(crate) mirror_in_flight: IntGauge,
     pub tls_cert_expiry: Gauge,
     /// As `config_last_reload_ok`, for the TLS certificate and key.
     pub(crate) tls_last_reload_ok: IntGauge,
@@ -206,6 +212,10 @@ impl Metrics {
             dns_refreshes: registered(r, IntCounterVec::new(opts("canary_proxy_dns_refreshes_total", "DNS lookups of a version's upstream for discovery, by result (success, failure)."), &["version", "result"])),
             upstream_connections: registered(r, IntCounterVec::new(opts("canary_proxy_upstream_connections_opened_total", "Connections opened to a version's upstream; it grows with the peak of concurrent requests, then only when the pool cannot reuse one."), v)),
             tls_reloads: registered(r, IntCounterVec::new(opts("canary_proxy_tls_reloads_total", "TLS certificate reload attempts, by result (success, failure)."), &["result"])),
+            override_requests: registered(r, IntCounterVec::new(opts("canary_proxy_override_requests_total", "Requests routed by the [override] header, by the version that served them (the rollback target when the named version is rolled back)."), v)),
+            mirror_requests: registered(r, IntCounterVec::new(opts("canary_proxy_mirror_requests_total", "Copies sent by [mirror] that ended, by version and code: the HTTP status of the copy's answer, or connect, reset or timeout when it got none. Not in canary_proxy_requests_total."), &["version", "code"])),
+            mirror_dropped: registered(r, IntCounterVec::new(opts("canary_proxy_mirror_dropped_total", "Copies [mirror] chose but did not send, by version and reason: full (max_in_flight reached), body_too_large (above max_body), body_incomplete (the request body failed or was not read to its end)."), &["version", "reason"])),
+            mirror_in_flight: registered(r, IntGauge::with_opts(opts("canary_proxy_mirror_in_flight", "Copies of [mirror] being buffered or sent now, all versions; [mirror] max_in_flight bounds it."))),
             tls_cert_expiry: registered(r, Gauge::with_opts(opts("canary_proxy_tls_cert_expiry_timestamp_seconds", "Unix time at which the served TLS certificate expires."))),
             tls_last_reload_ok: registered(r, IntGauge::with_opts(opts("canary_proxy_tls_last_reload_successful", "1 if the last TLS certificate reload succeeded (or TLS is off), 0 if it failed (the previous certificate is served)."))),
             registry,
@@ -293,6 +303,15 @@ impl Metrics {
         for label in ["success", "failure"] {
             let _ = self.dns_refreshes.remove_label_values(&[name, label]);
         }
+        let _ = self.override_requests.remove_label_values(&[name]);
+        for reason in MIRROR_DROP_REASONS {
+            let _ = self.mirror_dropped.remove_label_values(&[name, reason]);
+        }
+        // The codes a copy ended with are not tracked per version: a
+        // version leaves rarely, so try every label a copy can have.
+        for code in (100..600).map(code_label).chain(MIRROR_FAILURES) {
+            let _ = self.mirror_requests.remove_label_values(&[name, code]);
+        }
         for state in ["healthy", "ejected"] {
             let _ = self.endpoints.remove_label_values(&[name, state]);
         }
@@ -354,6 +373,40 @@ impl Metrics {
             .set(held as i64);
     }
 
+    /// A request the override header sent to `version`.
+    pub(crate) fn override_request(&self, version: &str) {
+        self.override_requests.with_label_values(&[version]).inc();
+    }
+
+    /// A copy to `version` that ended: with an answer's status, or with
+    /// the upstream failure that left it without one.
+    pub(crate) fn mirror_ended(&self, version: &str, how: Result<u16, UpstreamErrorKind>) {
+        let code = match how {
+            Ok(status) => code_label(status),
+            Err(kind) => kind.as_str(),
+        };
+        self.mirror_requests
+            .with_label_values(&[version, code])
+            .inc();
+    }
+
+    /// `[mirror]` names `version`: its drop counts exist from the start,
+    /// so that rate() and alerts on them work before the first drop.
+    pub(crate) fn mirror_configured(&self, version: &str) {
+        for reason in MIRROR_DROP_REASONS {
+            self.mirror_dropped.with_label_values(&[version, reason]);
+        }
+    }
+
+    /// A copy to `version` chosen but not sent; `reason` is one of
+    /// [`MIRROR_DROP_REASONS`].
+    pub(crate) fn mirror_dropped(&self, version: &str, reason: &'static str) {
+        debug_assert!(MIRROR_DROP_REASONS.contains(&reason));
+        self.mirror_dropped
+            .with_label_values(&[version, reason])
+            .inc();
+    }
+
     pub(crate) fn client_error(&self, kind: ClientErrorKind) {
         self.client_errors[kind as usize].inc();
     }
@@ -397,6 +450,11 @@ impl Metrics {
         out
     }
 }
+
+/// The `reason` label values of `canary_proxy_mirror_dropped_total`.
+pub(crate) const MIRROR_DROP_REASONS: [&str; 3] = ["full", "body_too_large", "body_incomplete"];
+/// The `code` of a copy that got no answer.
+const MIRROR_FAILURES: [&str; 3] = ["connect", "reset", "timeout"];
 
 /// Status codes 100..=599 get a cached counter each; anything else (hyper
 /// only produces valid codes, but be safe) shares the last slot.

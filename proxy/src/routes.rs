@@ -80,6 +80,12 @@ pub(crate) struct RouteTable {
     pub versions: Vec<VersionSpec>,
     /// `None` when the file has no `[rollback]` table: automatic rollback is off.
     pub rollback: Option<RollbackPolicy>,
+    /// `[sticky]`: requests with the same key go to the same version.
+    pub(crate) sticky: Option<Sticky>,
+    /// `[override]`: a request header that names the version.
+    pub(crate) override_: Option<Override>,
+    /// `[mirror]`: copies of other versions' requests to one version.
+    pub(crate) mirror: Option<Mirror>,
     /// Hex SHA-256 prefix of the file's bytes: what `/status` and
     /// `canary_proxy_config_info{hash}` show, so an operator can compare it
     /// with `sha256sum routes.toml`.
@@ -348,24 +354,32 @@ struct RawRoutes {
     #[serde(default)]
     versions: Option<Spanned<IndexMap<String, Spanned<RawVersion>>>>,
     rollback: Option<Spanned<RawRollback>>,
+    sticky: Option<Spanned<routing::RawSticky>>,
+    #[serde(rename = "override")]
+    override_: Option<Spanned<routing::RawOverride>>,
+    mirror: Option<Spanned<routing::RawMirror>>,
 }
 
 /// A table of the routes file whose keys are all read as spanned values and
 /// checked by `validate`. The macro writes the key list from the fields, so
 /// the keys accepted and the keys suggested ("did you mean") are one list.
 macro_rules! raw_table {
-    ($(#[$doc:meta])* $name:ident { $($key:ident),+ $(,)? }) => {
+    ($(#[$doc:meta])* $vis:vis $name:ident { $($key:ident),+ $(,)? }) => {
         $(#[$doc])*
-        #[derive(Deserialize)]
-        struct $name {
-            $($key: Option<Spanned<toml::Value>>,)+
+        #[derive(serde::Deserialize)]
+        $vis struct $name {
+            $($key: Option<toml::Spanned<toml::Value>>,)+
         }
 
         impl $name {
-            const KEYS: &'static [&'static str] = &[$(stringify!($key)),+];
+            $vis const KEYS: &'static [&'static str] = &[$(stringify!($key)),+];
         }
     };
 }
+
+// After the macro: it is in scope by its text's order.
+mod routing;
+pub(crate) use routing::{Mirror, Override, Sticky, StickyKey};
 
 raw_table!(
     /// `[versions.NAME]`
@@ -389,7 +403,7 @@ raw_table!(
 );
 
 /// The top level: the tables above.
-const TOP_KEYS: &[&str] = &["versions", "rollback"];
+const TOP_KEYS: &[&str] = &["versions", "rollback", "sticky", "override", "mirror"];
 
 struct Problems<'a> {
     lines: &'a LineIndex,
@@ -551,10 +565,22 @@ fn validate(raw: RawRoutes, lines: &LineIndex) -> Result<RouteTable, Vec<Problem
     let rollback = raw
         .rollback
         .and_then(|r| validate_rollback(r, &versions, &declared, &mut problems));
+    let sticky = raw
+        .sticky
+        .and_then(|r| routing::validate_sticky(r, &mut problems));
+    let override_ = raw
+        .override_
+        .and_then(|r| routing::validate_override(r, &mut problems));
+    let mirror = raw
+        .mirror
+        .and_then(|r| routing::validate_mirror(r, &versions, &declared, &mut problems));
     if problems.list.is_empty() {
         Ok(RouteTable {
             versions,
             rollback,
+            sticky,
+            override_,
+            mirror,
             hash: String::new(),
         })
     } else {
@@ -989,6 +1015,20 @@ fn unknown_keys(doc: &toml::de::DeTable<'_>, lines: &LineIndex) -> Vec<Problem> 
                     }
                 }
             }
+            "sticky" | "override" | "mirror" => {
+                let accepted = match name {
+                    "sticky" => routing::RawSticky::KEYS,
+                    "override" => routing::RawOverride::KEYS,
+                    _ => routing::RawMirror::KEYS,
+                };
+                if let toml::de::DeValue::Table(fields) = v.get_ref() {
+                    for (fk, _) in fields {
+                        if !accepted.contains(&fk.get_ref().as_ref()) {
+                            report(format!("{name}.{}", fk.get_ref()), fk.span(), accepted);
+                        }
+                    }
+                }
+            }
             other => report(other.to_string(), k.span(), TOP_KEYS),
         }
     }
@@ -1040,6 +1080,12 @@ fn not_tables(doc: &toml::de::DeTable<'_>, lines: &LineIndex) -> Vec<Problem> {
                 k.span(),
                 other,
                 "write [rollback] with target = \"stable\" and the keys of docs/routes.md",
+            ),
+            (name @ ("sticky" | "override" | "mirror"), other) if !other.is_table() => report(
+                name.into(),
+                k.span(),
+                other,
+                &format!("write [{name}] with the keys of docs/routing.md"),
             ),
             _ => {}
         }
@@ -1174,6 +1220,12 @@ impl RouteTable {
             }
             None => out.push_str("rollback: off (no [rollback] table)\n"),
         }
+        out.push_str(&routing::describe(
+            &self.versions,
+            self.sticky.as_ref(),
+            self.override_.as_ref(),
+            self.mirror.as_ref(),
+        ));
         out
     }
 }

@@ -16,7 +16,7 @@ use crate::clock::Clock;
 use crate::guard::{Counts, Criterion, Judgment};
 use crate::metrics::VersionMetrics;
 use crate::routes::{RollbackPolicy, RouteTable};
-use crate::split::Split;
+use crate::split::{Rendezvous, Split};
 use crate::upstream::Protocol;
 
 #[derive(Debug)]
@@ -29,6 +29,8 @@ pub(crate) struct Snapshot {
     /// Weights after rollback decisions; what `split` was built from.
     pub(crate) effective: Box<[u64]>,
     pub(crate) split: Split,
+    /// With `[sticky]`: the keyed pick, over the configured weights.
+    pub(crate) sticky: Option<Rendezvous>,
     /// When this routes content was loaded (not when a rollback republished it).
     pub(crate) loaded_at: SystemTime,
     /// Bumped on every publish, reload or rollback; tests and logs use it to
@@ -112,6 +114,16 @@ impl Snapshot {
 
     pub(crate) fn target(&self) -> Option<&VersionRuntime> {
         self.policy().map(|r| &self.versions[r.target])
+    }
+
+    /// The version that serves a request routed to `index`: the rollback
+    /// target while `index` is rolled back, for the picks that do not go
+    /// through the effective weights (a sticky key, an override).
+    pub(crate) fn serving(&self, index: usize) -> usize {
+        match (&self.versions[index].rollback, self.policy()) {
+            (Some(_), Some(p)) => p.target,
+            _ => index,
+        }
     }
 
     /// Configured and effective shares, 0..1, for metrics and `/status`.

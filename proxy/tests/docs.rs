@@ -706,7 +706,9 @@ async fn every_metric_in_the_docs_is_exported_and_every_exported_one_is_document
             "[versions.stable]\nupstream = \"http://{}\"\nweight = 50\nprotocol = \"h2c\"\n\n\
              [versions.canary]\nupstream = \"http://{}\"\nweight = 25\n\n\
              [versions.dead]\nupstream = \"http://{dead}\"\nweight = 25\n\n\
-             [rollback]\ntarget = \"stable\"\nslower_than = \"1s\"\n",
+             [rollback]\ntarget = \"stable\"\nslower_than = \"1s\"\n\n\
+             [override]\nheader = \"x-canary-version\"\n\n\
+             [mirror]\nversion = \"dead\"\nshare = 1.0\n",
             stable.addr,
             canary.addr(),
         ),
@@ -750,6 +752,11 @@ async fn every_metric_in_the_docs_is_exported_and_every_exported_one_is_document
     )
     .await;
 
+    // One request the override header routes (to stable: the others are
+    // rolled back); the copies to `dead` have failed on the way.
+    let answer = get_with_header(&http, addr, "x-canary-version", "canary").await;
+    assert!(answer.starts_with("200"), "{answer}");
+
     // Every request now goes to stable: one gRPC call.
     let answer = unary(&channel(addr).await, "docs")
         .await
@@ -786,6 +793,20 @@ async fn every_metric_in_the_docs_is_exported_and_every_exported_one_is_document
         "metric names in the docs against a live /metrics",
         &metric_problems(&docs(), &exported),
     );
+}
+
+async fn get_with_header(
+    c: &TestClient,
+    addr: std::net::SocketAddr,
+    name: &str,
+    value: &str,
+) -> String {
+    let req = http::Request::get(format!("http://{addr}/ping"))
+        .header(name, value)
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let resp = c.request(req).await.expect("an answer");
+    resp.status().as_str().to_owned()
 }
 
 // ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::control::ReloadStatus;
 use crate::guard::{Counts, Criterion, Judgment, Totals};
-use crate::routes::RollbackPolicy;
+use crate::routes::{RollbackPolicy, StickyKey};
 use crate::snapshot::{RollbackRecord, Snapshot, VersionRuntime};
 
 #[derive(Debug, Serialize)]
@@ -19,7 +19,46 @@ pub(crate) struct Status {
     pub(crate) versions: Vec<VersionView>,
     /// `null` when the routes file has no `[rollback]` table.
     pub(crate) rollback: Option<PolicyView>,
+    /// The routing tables (docs/routing.md); `null` when absent.
+    pub(crate) sticky: Option<StickyView>,
+    #[serde(rename = "override")]
+    pub(crate) override_: Option<OverrideView>,
+    pub(crate) mirror: Option<MirrorView>,
     pub(crate) reload: ReloadView,
+}
+
+/// `[sticky]`.
+#[derive(Debug, Serialize)]
+pub(crate) struct StickyView {
+    /// `header`, `cookie` or `client_address`.
+    pub(crate) key: &'static str,
+    /// The header's or cookie's name; `null` for `client_address`.
+    pub(crate) name: Option<String>,
+    pub(crate) set_cookie: bool,
+    /// The Max-Age of the cookie it sets; `null` without `set_cookie`.
+    pub(crate) max_age_seconds: Option<u64>,
+}
+
+/// `[override]`.
+#[derive(Debug, Serialize)]
+pub(crate) struct OverrideView {
+    pub(crate) header: String,
+    pub(crate) forward_header: bool,
+    /// Networks allowed to use it; empty: any client.
+    pub(crate) allow_from: Vec<String>,
+}
+
+/// `[mirror]`.
+#[derive(Debug, Serialize)]
+pub(crate) struct MirrorView {
+    pub(crate) version: String,
+    pub(crate) share: f64,
+    pub(crate) methods: Vec<String>,
+    pub(crate) max_body: u64,
+    pub(crate) timeout_seconds: f64,
+    pub(crate) max_in_flight: u64,
+    /// False while the mirror version is rolled back: no copies are sent.
+    pub(crate) active: bool,
 }
 
 /// The active routes file.
@@ -233,6 +272,33 @@ impl Status {
             },
             versions,
             rollback,
+            sticky: snap.table.sticky.as_ref().map(|s| {
+                let (key, name) = match &s.key {
+                    StickyKey::Header(h) => ("header", Some(h.to_string())),
+                    StickyKey::Cookie(c) => ("cookie", Some(c.clone())),
+                    StickyKey::ClientAddress => ("client_address", None),
+                };
+                StickyView {
+                    key,
+                    name,
+                    set_cookie: s.set_cookie.is_some(),
+                    max_age_seconds: s.set_cookie.map(|d| d.as_secs()),
+                }
+            }),
+            override_: snap.table.override_.as_ref().map(|o| OverrideView {
+                header: o.header.to_string(),
+                forward_header: o.forward_header,
+                allow_from: o.allow_from.iter().map(|n| n.to_string()).collect(),
+            }),
+            mirror: snap.table.mirror.as_ref().map(|m| MirrorView {
+                version: snap.table.versions[m.version].name.clone(),
+                share: m.share,
+                methods: m.methods.iter().map(|x| x.to_string()).collect(),
+                max_body: m.max_body,
+                timeout_seconds: m.timeout.as_secs_f64(),
+                max_in_flight: m.max_in_flight,
+                active: snap.versions[m.version].rollback.is_none(),
+            }),
             reload: ReloadView {
                 successes: reload.successes,
                 failures: reload.failures,

@@ -24,9 +24,11 @@
 //! read it).
 
 mod answer;
+mod choose;
 mod grpc;
 mod headers;
 mod log_limit;
+mod mirror;
 mod observe;
 mod retry;
 mod target;
@@ -44,7 +46,7 @@ use bytes::Bytes;
 use http::header::HeaderValue;
 use http::{Request, Response, StatusCode};
 use http_body::Body as _;
-use http_body_util::{Either, Empty};
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use tokio_util::task::TaskTracker;
 
@@ -63,12 +65,13 @@ use retry::Retry;
 use target::Refusal;
 use upload::{ClientBody, UploadState};
 
-/// Body sent upstream: the client's, streamed, or nothing on a retry.
-pub(crate) type UpstreamBody = Either<ClientBody, Empty<Bytes>>;
+/// Body sent upstream: the client's, streamed; nothing, on a retry; or a
+/// whole copy, for `[mirror]`.
+pub(crate) type UpstreamBody = Either<ClientBody, Full<Bytes>>;
 
 impl SendBody for UpstreamBody {
     fn empty() -> Self {
-        Either::Right(Empty::new())
+        Either::Right(Full::default())
     }
 }
 
@@ -174,6 +177,9 @@ struct Plan {
     /// The endpoint a connect failure just came from, when the request goes
     /// to another endpoint of the same version (once).
     failed_endpoint: Option<Arc<Endpoint>>,
+    /// `[sticky] set_cookie`: the key this request was routed by, for the
+    /// browser to send next time.
+    set_cookie: Option<HeaderValue>,
 }
 
 /// What the request asked for that outlives its hop-by-hop headers.
@@ -342,7 +348,13 @@ impl Forwarder {
             Err(refusal) => return Err(self.refuse(refusal, conn)),
         };
         let snap = self.recorder.store.load();
-        let Some(index) = snap.split.pick_random() else {
+        let Some(choice) = choose::choose(
+            &snap,
+            req.headers_mut(),
+            conn.peer.ip(),
+            &conn.peer_ip,
+            conn.tls,
+        ) else {
             // validate() forbids all-zero weights, so this is unreachable in
             // practice; answer rather than panic if it ever is.
             let id = RequestId::new();
@@ -356,6 +368,12 @@ impl Forwarder {
             )
             .map(|b| Hooked::plain(Either::Right(b))));
         };
+        let index = choice.index;
+        if choice.overridden {
+            self.recorder
+                .metrics
+                .override_request(&snap.versions[index].name);
+        }
         let upgrade = upgrade::is_upgrade(&req).then(|| hyper::upgrade::on(&mut req));
         let (mut parts, body) = req.into_parts();
         let call = Call {
@@ -387,7 +405,36 @@ impl Forwarder {
         });
         let first = &snap.versions[index];
         first.metrics.in_flight.inc();
-        let (body, upload) = upload::watch(body, self.config.pace());
+        if snap.table.mirror.is_some() {
+            // Only the proxy marks a copy: a client cannot pass a request
+            // off as one, to slip past what the application skips for them.
+            parts.headers.remove(mirror::MIRROR_HEADER);
+        }
+        let copy = mirror::choose(
+            &snap,
+            index,
+            mirror::Request {
+                method: &parts.method,
+                uri: &parts.uri,
+                headers: &parts.headers,
+                host: original_host.as_ref(),
+                te_trailers: call.te_trailers,
+                grpc: call.grpc,
+                body_len: body.size_hint().exact(),
+                body_empty: body.is_end_stream(),
+            },
+            &self.upstreams,
+            &self.recorder,
+        );
+        let tee = match copy {
+            None => None,
+            Some(mirror::Chosen::Now(copy)) => {
+                copy.send(Bytes::new());
+                None
+            }
+            Some(mirror::Chosen::Tee(tee)) => Some(tee),
+        };
+        let (body, upload) = upload::watch(body, self.config.pace(), tee);
         let request = headers::build_request(
             parts.method,
             &parts.uri,
@@ -415,6 +462,7 @@ impl Forwarder {
             target,
             call,
             failed_endpoint: None,
+            set_cookie: choice.set_cookie,
         })
     }
 
@@ -540,7 +588,7 @@ impl Forwarder {
                     target_rt,
                     plan.original_host.as_ref(),
                     plan.call.te_trailers,
-                    Either::Right(Empty::new()),
+                    Either::Right(Full::default()),
                 ),
                 _ => break outcome,
             };
@@ -555,13 +603,19 @@ impl Forwarder {
             plan.failed_endpoint = None;
             plan.request = again;
         };
-        Ok(self.respond(
+        let mut response = self.respond(
             plan.pending.answered(),
             plan.upgrade,
             plan.upload,
             plan.call,
             outcome,
-        ))
+        );
+        if let Some(cookie) = plan.set_cookie {
+            response
+                .headers_mut()
+                .append(http::header::SET_COOKIE, cookie);
+        }
+        Ok(response)
     }
 
     /// The client's response: the upstream's, or the proxy's own answer to

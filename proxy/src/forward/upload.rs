@@ -22,6 +22,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
+use super::mirror::Tee;
 use crate::body::{BodyHook, End, Hooked};
 use crate::metrics::ClientErrorKind;
 
@@ -53,6 +54,8 @@ pub(crate) struct Paced {
     received: u64,
     /// `None` for a body with nothing in it: no timer for a GET.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// The copy `[mirror]` makes of the body, if this request is copied.
+    tee: Option<Tee>,
 }
 
 /// Why a paced body failed.
@@ -65,7 +68,7 @@ pub(crate) enum PacedError {
 }
 
 impl Paced {
-    fn new(inner: Incoming, pace: Pace) -> Self {
+    fn new(inner: Incoming, pace: Pace, tee: Option<Tee>) -> Self {
         let start = Instant::now();
         let deadline = (!inner.is_end_stream())
             .then(|| Box::pin(tokio::time::sleep_until(start + pace.grace)));
@@ -75,6 +78,7 @@ impl Paced {
             start,
             received: 0,
             deadline,
+            tee,
         }
     }
 
@@ -103,11 +107,30 @@ impl Body for Paced {
                     if let Some(deadline) = &mut this.deadline {
                         deadline.as_mut().reset(next);
                     }
+                    if let Some(tee) = &mut this.tee {
+                        tee.push(data);
+                    }
+                }
+                // hyper stops polling a body whose length says it is over,
+                // so its end is seen here as well as at `None`.
+                if this.inner.is_end_stream() {
+                    if let Some(tee) = this.tee.take() {
+                        tee.finish();
+                    }
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => Poll::Ready(None),
+            // A failed body leaves no whole copy: the tee's drop counts it.
+            Poll::Ready(Some(Err(e))) => {
+                this.tee = None;
+                Poll::Ready(Some(Err(e.into())))
+            }
+            Poll::Ready(None) => {
+                if let Some(tee) = this.tee.take() {
+                    tee.finish();
+                }
+                Poll::Ready(None)
+            }
             Poll::Pending => match this.deadline.as_mut().map(|d| d.as_mut().poll(cx)) {
                 Some(Poll::Ready(())) => Poll::Ready(Some(Err(PacedError::TooSlow {
                     min_rate: this.pace.min_rate,
@@ -136,9 +159,9 @@ pub(crate) struct UploadState(Option<Arc<AtomicU8>>);
 
 /// Wrap the client's body. A request without one needs no note, no timer
 /// and no allocation beyond the wrapper: its body is over before it starts.
-pub(crate) fn watch(body: Incoming, pace: Pace) -> (ClientBody, UploadState) {
+pub(crate) fn watch(body: Incoming, pace: Pace, tee: Option<Tee>) -> (ClientBody, UploadState) {
     let empty = body.is_end_stream();
-    let paced = Paced::new(body, pace);
+    let paced = Paced::new(body, pace, tee);
     if empty {
         return (Hooked::plain(paced), UploadState(None));
     }
