@@ -17,8 +17,9 @@ use http_body_util::Empty;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
-use crate::routes::{self, RouteTable};
+use crate::routes::{self, RouteTable, StickyKey};
 use crate::{Listeners, Proxy, RunConfig};
+use http::HeaderName;
 
 /// The demo routes file, embedded so `demo` works from any directory.
 pub(crate) const EMBEDDED_ROUTES: &str = include_str!("../../config/demo/routes.toml");
@@ -35,6 +36,9 @@ pub struct DemoConfig {
     pub canary_error_rate: f64,
     pub canary_latency: Duration,
     pub traffic_per_second: u32,
+    /// Send the demo's traffic as a few synthetic users, each with a fixed
+    /// `x-user-id`, and show which version each one reaches.
+    pub sticky: bool,
     pub duration: Option<Duration>,
     /// Timeouts and reload settings; `routes` is filled in by the demo.
     pub run: RunConfig,
@@ -43,6 +47,14 @@ pub struct DemoConfig {
 pub async fn run(config: DemoConfig) -> anyhow::Result<()> {
     let routes_path = resolve_routes(config.routes.as_deref())?;
     let table = routes::load(&routes_path)?;
+    if config.sticky
+        && !matches!(&table.sticky, Some(s) if s.key == StickyKey::Header(HeaderName::from_static(USER_HEADER)))
+    {
+        bail!(
+            "--sticky: {} has no [sticky] table with header = \"{USER_HEADER}\", so the demo's users would be split at random; add those two lines (config/demo/routes.toml has them)",
+            routes_path.display()
+        );
+    }
     let backends = start_backends(&table, &config).await?;
 
     let traffic = tokio::net::TcpListener::bind(config.listen)
@@ -100,10 +112,23 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<()> {
     if config.canary_error_rate == 0.0 {
         println!("fault: restart with --canary-error-rate 0.3 to watch the automatic rollback");
     }
+    let users = config.sticky.then(|| {
+        let names: Vec<&str> = USERS.to_vec();
+        println!("users: {} send {USER_HEADER}: NAME; [sticky] keeps each on one version. Raise the canary's weight and watch: users only move to it.", names.join(", "));
+        Arc::new(Users::new(
+            &names,
+            table.versions.iter().zip(&backends).map(|(spec, b)| (b.0.clone(), spec.name.clone())).collect(),
+        ))
+    });
     println!();
 
-    let generator = (config.traffic_per_second > 0)
-        .then(|| tokio::spawn(generate_traffic(listen, config.traffic_per_second)));
+    let generator = (config.traffic_per_second > 0).then(|| {
+        tokio::spawn(generate_traffic(
+            listen,
+            config.traffic_per_second,
+            users.clone(),
+        ))
+    });
     let stop = async {
         match config.duration {
             Some(d) => tokio::time::sleep(d).await,
@@ -112,7 +137,7 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<()> {
     };
     tokio::select! {
         _ = stop => {}
-        _ = live_view(&proxy) => {}
+        _ = live_view(&proxy, users.as_deref()) => {}
     }
     if let Some(g) = generator {
         g.abort();
@@ -184,8 +209,64 @@ async fn start_backends(
     Ok(backends)
 }
 
-/// A steady trickle of GET /ping so the live view has something to show.
-async fn generate_traffic(listen: SocketAddr, per_second: u32) {
+/// The header the demo's synthetic users send their name in.
+const USER_HEADER: &str = "x-user-id";
+/// The demo's synthetic users, for `--sticky`.
+const USERS: [&str; 8] = ["ada", "bo", "cy", "di", "ed", "flo", "gus", "hal"];
+
+/// The version each synthetic user reached last, and how often one moved.
+struct Users {
+    names: Vec<String>,
+    /// Backend label (`x-ping-version`) -> version name.
+    labels: Vec<(String, String)>,
+    last: std::sync::Mutex<Vec<Option<String>>>,
+    moves: std::sync::atomic::AtomicU64,
+}
+
+impl Users {
+    fn new(names: &[&str], labels: Vec<(String, String)>) -> Self {
+        Users {
+            names: names.iter().map(|n| n.to_string()).collect(),
+            labels,
+            last: std::sync::Mutex::new(vec![None; names.len()]),
+            moves: Default::default(),
+        }
+    }
+
+    fn answered(&self, user: usize, label: &str) {
+        let version = self
+            .labels
+            .iter()
+            .find(|(l, _)| l == label)
+            .map_or(label, |(_, name)| name.as_str());
+        let mut last = self.last.lock().expect("no panic holds the lock");
+        if last[user].as_deref().is_some_and(|v| v != version) {
+            self.moves
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        last[user] = Some(version.to_string());
+    }
+
+    /// `ada stable, bo canary, ...`, and the moves so far.
+    fn line(&self) -> String {
+        let last = self.last.lock().expect("no panic holds the lock");
+        let users: Vec<String> = self
+            .names
+            .iter()
+            .zip(last.iter())
+            .map(|(n, v)| format!("{n} {}", v.as_deref().unwrap_or("-")))
+            .collect();
+        format!(
+            "users: {}  (moves so far: {})",
+            users.join(", "),
+            self.moves.load(std::sync::atomic::Ordering::Relaxed)
+        )
+    }
+}
+
+/// A steady trickle of GET /ping so the live view has something to show;
+/// with `users`, each request is one of theirs, in turn.
+async fn generate_traffic(listen: SocketAddr, per_second: u32, users: Option<Arc<Users>>) {
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build_http();
     let uri: http::Uri = format!("http://{listen}/ping")
         .parse()
@@ -193,14 +274,30 @@ async fn generate_traffic(listen: SocketAddr, per_second: u32) {
     let limit = Arc::new(tokio::sync::Semaphore::new(64));
     let mut tick = tokio::time::interval(Duration::from_secs(1) / per_second);
     let deadline = Instant::now() + TRAFFIC_LIMIT;
+    let mut sent = 0usize;
     while Instant::now() < deadline {
         tick.tick().await;
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             continue;
         };
-        let (client, uri) = (client.clone(), uri.clone());
+        let (client, uri, users) = (client.clone(), uri.clone(), users.clone());
+        let user = sent % USERS.len();
+        sent += 1;
         tokio::spawn(async move {
-            if let Ok(resp) = client.get(uri).await {
+            let mut req = http::Request::get(uri);
+            if users.is_some() {
+                req = req.header(USER_HEADER, USERS[user]);
+            }
+            let req = req.body(Empty::new()).expect("a valid request");
+            if let Ok(resp) = client.request(req).await {
+                if let (Some(users), Some(label)) = (
+                    &users,
+                    resp.headers()
+                        .get("x-ping-version")
+                        .and_then(|v| v.to_str().ok()),
+                ) {
+                    users.answered(user, label);
+                }
                 let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
             }
             drop(permit);
@@ -212,8 +309,8 @@ async fn generate_traffic(listen: SocketAddr, per_second: u32) {
     );
 }
 
-/// Print one line per version every second.
-async fn live_view(proxy: &Proxy) {
+/// Print one line per version every second, and the users' line.
+async fn live_view(proxy: &Proxy, users: Option<&Users>) {
     let started = Instant::now();
     let mut last: std::collections::HashMap<String, u64> = Default::default();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -279,6 +376,9 @@ async fn live_view(proxy: &Proxy) {
             };
             println!("[{:>4}s] {:<10} {:>4}/s  share {:>5.1}% (weight {:>5.1}%)  requests {:>7}  errors {:>5}  {}", started.elapsed().as_secs(), v.name, deltas[i], share, configured * 100.0, total, errors, state);
             last.insert(v.name.to_string(), total);
+        }
+        if let Some(users) = users {
+            println!("[{:>4}s] {}", started.elapsed().as_secs(), users.line());
         }
     }
 }

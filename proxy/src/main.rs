@@ -135,6 +135,9 @@ struct DemoArgs {
     /// Requests per second the demo sends itself through the proxy (0 to only watch your own curls).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=1000))]
     traffic: u32,
+    /// Send the demo's traffic as 8 synthetic users (an x-user-id each) and show which version each reaches; the routes file needs [sticky] header = "x-user-id" (the demo's has it).
+    #[arg(long)]
+    sticky: bool,
     /// Stop after this long (default: run until Ctrl-C).
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
@@ -417,6 +420,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
         canary_error_rate: args.canary_error_rate,
         canary_latency: args.canary_latency,
         traffic_per_second: args.traffic,
+        sticky: args.sticky,
         duration: args.duration,
         run,
     };

@@ -76,4 +76,52 @@ async fn demo_serves_pong_on_8080_and_prints_live_lines() {
 
     // Stop it now rather than wait out --duration.
     drop(demo);
+
+    // `--sticky`: the same ports, one demo at a time. Its traffic is eight
+    // users, and the live view says where each one is.
+    let mut demo = Process::spawn(
+        Command::new(env!("CARGO_BIN_EXE_canary-proxy"))
+            .args(["demo", "--sticky", "--duration", "20s", "--traffic", "40"])
+            .current_dir(&root)
+            .env("RUST_LOG", "warn"),
+    );
+    let users = eventually(
+        Duration::from_secs(20),
+        "a users line with a version for each of the 8 users",
+        || {
+            if let Some(status) = demo.try_wait() {
+                panic!(
+                    "demo --sticky exited early with {status}; stdout: {:?}; stderr: {:?}",
+                    demo.stdout_lines(),
+                    demo.stderr_lines()
+                );
+            }
+            let line = demo
+                .stdout_lines()
+                .into_iter()
+                .rev()
+                .find(|l| l.starts_with('[') && l.contains("users: "));
+            async move { line.filter(|l| !l.contains(" -,") && !l.contains(" -  ")) }
+        },
+    )
+    .await;
+    // Two more seconds of traffic, then nobody has moved: the weights stayed.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let last = demo
+        .stdout_lines()
+        .into_iter()
+        .rev()
+        .find(|l| l.contains("users: "))
+        .unwrap();
+    assert!(
+        last.contains("(moves so far: 0)"),
+        "a user changed version: {last}"
+    );
+    for user in ["ada", "hal"] {
+        assert!(
+            users.contains(&format!("{user} stable")) || users.contains(&format!("{user} canary")),
+            "{users}"
+        );
+    }
+    drop(demo);
 }
