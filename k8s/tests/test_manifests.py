@@ -929,15 +929,59 @@ def test_example_routes_files_exist():
 @pytest.mark.parametrize("path", ROUTES_FILES, ids=[str(p.relative_to(EXAMPLES)) for p in ROUTES_FILES])
 def test_example_routes_files_pass_check(path, tmp_path):
     """The routes files docs point to (k8s/examples/grpc/routes.toml for a
-    gRPC service) are valid for this build of `canary-proxy check`, and a
-    gRPC example speaks h2c to every version."""
+    gRPC service; sticky/, override/ and mirror/ for docs/routing.md) are
+    valid for this build of `canary-proxy check`, and each shows what it is
+    for: a gRPC example speaks h2c to every version; the routing examples
+    use the shipped Services and [rollback] table, and check's summary
+    describes their table."""
     text = path.read_text()
     result = proxy_check(text, tmp_path)
     assert result.returncode == 0, f"canary-proxy check rejects {path}:\n{result.stdout}{result.stderr}"
     routes = tomllib.loads(text)
-    if path.parent.name == "grpc":
+    # The summary line of a table: one that names the table and `detail`.
+    def summary_mentions(table: str, detail: str) -> bool:
+        return any(table in line and detail in line for line in result.stdout.splitlines())
+
+    example = path.parent.name
+    if example == "grpc":
         assert all(v.get("protocol") == "h2c" for v in routes["versions"].values()), routes
         assert "over h2c" in result.stdout, result.stdout
+    if example in ("sticky", "override", "mirror"):
+        # Copied into a cluster as they are: the shipped Services, and the
+        # shipped policy unchanged.
+        check_upstreams(list(render(K8S)), routes)
+        shipped = tomllib.loads(routes_text(list(render(K8S))))["rollback"]
+        assert routes.get("rollback") == shipped, f"{path}: [rollback] differs from k8s/base/routes.toml's"
+        assert {"sticky", "override", "mirror"} & set(routes) == {example}, (
+            f"{path} is the [{example}] example: it should have that table and no other of the three"
+        )
+    if example == "sticky":
+        sticky = routes["sticky"]
+        forms = [k for k in ("header", "cookie", "client_address") if k in sticky]
+        assert forms == ["cookie"], f"{path}: [sticky] should key on exactly one form, the cookie: {forms}"
+        assert sticky.get("set_cookie") is True, f"{path}: the web app example sets the cookie"
+        assert summary_mentions("sticky", sticky["cookie"]), result.stdout
+    if example == "override":
+        override = routes["override"]
+        nets = [ipaddress.ip_network(n) for n in override.get("allow_from", [])]
+        assert nets and all(n.is_private for n in nets), (
+            f"{path}: allow_from should limit the header to private networks: {nets}"
+        )
+        assert any(v["weight"] == 0 for v in routes["versions"].values()), (
+            f"{path}: the override example reaches a version at weight 0"
+        )
+        assert summary_mentions("override", override["header"]), result.stdout
+    if example == "mirror":
+        mirror = routes["mirror"]
+        assert mirror["version"] in routes["versions"], f"{path}: mirrors a version that does not exist"
+        assert routes["versions"][mirror["version"]]["weight"] == 0, (
+            f"{path}: a dark launch mirrors to a version at weight 0"
+        )
+        assert 0 < mirror["share"] <= 1, mirror
+        assert set(mirror.get("methods", ["GET", "HEAD", "OPTIONS"])) <= {"GET", "HEAD", "OPTIONS"}, (
+            f"{path}: mirroring anything but safe methods makes every change twice"
+        )
+        assert summary_mentions("mirror", mirror["version"]), result.stdout
 
 
 # --- tests: alerts point at their runbook ---------------------------------------------------------
