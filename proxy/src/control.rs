@@ -22,7 +22,8 @@ use crate::clock::Clock;
 use crate::endpoints::{Endpoints, Resolve};
 use crate::guard::{Criterion, Judgment, Trip, Verdicts};
 use crate::metrics::{Metrics, VersionMetrics};
-use crate::routes::{RollbackPolicy, RouteTable, VersionSpec};
+use crate::progress::{Evidence as ProgressEvidence, Progress};
+use crate::routes::{ProgressSpec, RollbackPolicy, RouteTable, VersionSpec};
 use crate::snapshot::{RollbackRecord, Snapshot, Store, VersionRuntime};
 use crate::split::{Rendezvous, Split};
 
@@ -59,6 +60,25 @@ struct Inner {
     endpoints: HashMap<String, Arc<Endpoints>>,
     resolver: Arc<dyn Resolve>,
     reload: ReloadStatus,
+    /// The run of the `[progress]` table, while it names the same version
+    /// with the same entry and the same steps (`paused` aside).
+    progress: Option<ProgressRun>,
+}
+
+impl ProgressRun {
+    pub(crate) fn version_name(&self) -> &str {
+        &self.entry.name
+    }
+}
+
+/// One `[progress]` run and what it was started for.
+pub(crate) struct ProgressRun {
+    pub(crate) spec: ProgressSpec,
+    /// The version's entry when the run started: a change restarts it.
+    entry: VersionSpec,
+    pub(crate) run: Progress,
+    /// The judgment the run counts answers of.
+    judgment: Option<Arc<Judgment>>,
 }
 
 struct Evidence {
@@ -110,7 +130,9 @@ impl Control {
                 last_success: Some(now),
                 ..Default::default()
             },
+            progress: None,
         };
+        sync_progress(&mut inner, &table, clock.as_ref(), &metrics);
         metrics.set_config_hash(None, &table.hash);
         metrics.config_last_success.set(unix_seconds(now));
         let snapshot = build(&mut inner, Arc::new(table), &metrics);
@@ -151,6 +173,12 @@ impl Control {
         self.metrics.config_reload(true);
         self.metrics.set_config_hash(Some(&old.hash), &table.hash);
         reset_latches(&mut inner, &table);
+        sync_progress(
+            &mut inner,
+            &table,
+            self.store.clock().as_ref(),
+            &self.metrics,
+        );
         let snapshot = build(&mut inner, table.clone(), &self.metrics);
         tracing::info!(
             old = %weights(&old),
@@ -175,6 +203,154 @@ impl Control {
     pub(crate) fn reload_status(&self) -> ReloadStatus {
         self.inner.lock().unwrap().reload.clone()
     }
+
+    /// The `[progress]` run's view, for `/status`; `None` without one.
+    pub(crate) fn progress<T>(&self, view: impl FnOnce(&ProgressRun) -> T) -> Option<T> {
+        self.inner.lock().unwrap().progress.as_ref().map(view)
+    }
+
+    /// Bring the `[progress]` run up to now, and publish when its weight
+    /// changed. Called a few times a second; without a run it returns at
+    /// once. Each transition is logged once, with its reason.
+    pub(crate) fn tick(&self) {
+        let mut inner = self.inner.lock().unwrap();
+        let Some(p) = inner.progress.as_mut() else {
+            return;
+        };
+        let snap = self.store.load();
+        let now = self.store.now();
+        let v = &snap.versions[p.spec.version];
+        if !p
+            .judgment
+            .as_ref()
+            .is_some_and(|j| Arc::ptr_eq(j, &v.judgment))
+        {
+            // A policy change started a fresh judgment: count from its start.
+            if p.judgment.is_some() {
+                p.run.judgment_restarted();
+            }
+            p.judgment = Some(v.judgment.clone());
+        }
+        let window = snap.policy().map_or(DEFAULT_WINDOW, |r| r.window);
+        let evidence = ProgressEvidence {
+            judged: v.judgment.judged(Criterion::Errors).unwrap_or(0),
+            clean: v.judgment.criteria().all(|c| {
+                v.judgment.evidence(c).unwrap_or(0.0) < SUSPECT_EVIDENCE
+                    && !v.judgment.held(c, now, window)
+            }),
+            rolled_back: v.rollback.is_some(),
+        };
+        let percent = p.run.percent(&p.spec);
+        let Some(t) = p.run.update(&p.spec, now, evidence) else {
+            return;
+        };
+        tracing::info!(
+            version = %v.name,
+            from_step = t.from.0,
+            from_state = t.from.1.as_str(),
+            step = t.to.0,
+            state = t.to.1.as_str(),
+            weight_percent = p.run.percent(&p.spec),
+            reason = %t.reason,
+            "progress"
+        );
+        self.metrics.set_progress(&v.name, t.to.0, t.to.1);
+        if p.run.percent(&p.spec) != percent {
+            let snapshot = build(&mut inner, snap.table.clone(), &self.metrics);
+            self.store.publish(snapshot);
+        }
+    }
+}
+
+/// The evidence level at which a version is suspect (half the trip point,
+/// where the shipped alert `CanaryProxyCanaryEvidenceHigh` looks): a step
+/// does not advance on it.
+const SUSPECT_EVIDENCE: f64 = 0.5;
+
+/// Start, keep or end the `[progress]` run for `table`: a new run when the
+/// table names another version, other steps or timing, or the version's
+/// entry changed; the same run, with `paused` as the file says, otherwise.
+fn sync_progress(inner: &mut Inner, table: &RouteTable, clock: &dyn Clock, metrics: &Metrics) {
+    let old = inner.progress.take();
+    let Some(spec) = table.progress.clone() else {
+        if let Some(old) = old {
+            metrics.forget_progress(&old.entry.name);
+            tracing::info!(version = %old.entry.name, "progress removed: the version's weight follows the routes file again");
+        }
+        return;
+    };
+    let entry = table.versions[spec.version].clone();
+    match old {
+        Some(mut run) if run.spec.same_run(&spec) && run.entry == entry => {
+            run.spec = spec;
+            inner.progress = Some(run);
+        }
+        old => {
+            if let Some(old) = old {
+                metrics.forget_progress(&old.entry.name);
+            }
+            let since_start = spec
+                .start
+                .map(|start| match clock.wall().duration_since(start) {
+                    Ok(ago) => ago.as_nanos() as i128,
+                    Err(ahead) => -(ahead.duration().as_nanos() as i128),
+                });
+            let mut run = Progress::new(clock.now(), since_start);
+            // The first step, if the schedule has started, before anything
+            // is published: a reload never shows the version at 0 first.
+            run.update(
+                &spec,
+                clock.now(),
+                ProgressEvidence {
+                    judged: 0,
+                    clean: true,
+                    rolled_back: false,
+                },
+            );
+            tracing::info!(version = %entry.name, step = run.step(), state = run.state().as_str(), weight_percent = run.percent(&spec), "progress started: {}", run.reason());
+            metrics.set_progress(&entry.name, run.step(), run.state());
+            inner.progress = Some(ProgressRun {
+                spec,
+                entry,
+                run,
+                judgment: None,
+            });
+        }
+    }
+}
+
+/// The weights the split uses before rollback: the file's, with the
+/// `[progress]` version at its step's share of all traffic and the others
+/// sharing the rest by their weights.
+fn progress_weights(table: &RouteTable, progress: Option<&ProgressRun>) -> Vec<u64> {
+    let mut weights: Vec<u64> = table.versions.iter().map(|v| v.weight).collect();
+    let Some(p) = progress else {
+        return weights;
+    };
+    let percent = p.run.percent(&p.spec);
+    let v = p.spec.version;
+    let others: u64 = weights
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != v)
+        .map(|(_, w)| w)
+        .sum();
+    if percent >= 100 || others == 0 {
+        weights.iter_mut().for_each(|w| *w = 0);
+        weights[v] = 1;
+        return weights;
+    }
+    // v : others = percent : (100 - percent), in integers: every other
+    // weight times (100 - percent), v's = percent x the others' sum. At
+    // most 256 x 10^6 x 100, far from overflow.
+    for (i, w) in weights.iter_mut().enumerate() {
+        *w = if i == v {
+            percent * others
+        } else {
+            *w * (100 - percent)
+        };
+    }
+    weights
 }
 
 impl Verdicts for Control {
@@ -340,7 +516,8 @@ fn build(inner: &mut Inner, table: Arc<RouteTable>, metrics: &Metrics) -> Snapsh
         });
     }
 
-    let mut effective: Vec<u64> = table.versions.iter().map(|v| v.weight).collect();
+    let routed = progress_weights(&table, inner.progress.as_ref());
+    let mut effective = routed.clone();
     if let Some(p) = policy {
         for v in &versions {
             if v.rollback.is_some() {

@@ -57,6 +57,7 @@ mod forward;
 mod grpc_status;
 mod guard;
 mod metrics;
+mod progress;
 mod proxy;
 mod reload;
 mod routes;

@@ -142,6 +142,8 @@ pub struct Metrics {
     upstream_connections: IntCounterVec,
     tls_reloads: IntCounterVec,
     override_requests: IntCounterVec,
+    progress_step: IntGaugeVec,
+    progress_state: IntGaugeVec,
     mirror_requests: IntCounterVec,
     mirror_dropped: IntCounterVec,
     /// Copies being sent now, all versions: the count `[mirror]
@@ -212,6 +214,8 @@ impl Metrics {
             dns_refreshes: registered(r, IntCounterVec::new(opts("canary_proxy_dns_refreshes_total", "DNS lookups of a version's upstream for discovery, by result (success, failure)."), &["version", "result"])),
             upstream_connections: registered(r, IntCounterVec::new(opts("canary_proxy_upstream_connections_opened_total", "Connections opened to a version's upstream; it grows with the peak of concurrent requests, then only when the pool cannot reuse one."), v)),
             tls_reloads: registered(r, IntCounterVec::new(opts("canary_proxy_tls_reloads_total", "TLS certificate reload attempts, by result (success, failure)."), &["result"])),
+            progress_step: registered(r, IntGaugeVec::new(opts("canary_proxy_progress_step", "The [progress] version's current step, 1-based (0 before the schedule's start)."), v)),
+            progress_state: registered(r, IntGaugeVec::new(opts("canary_proxy_progress_state", "1 for the [progress] version's current state (progressing, waiting_for_evidence, paused, complete, rolled_back), 0 for the others."), &["version", "state"])),
             override_requests: registered(r, IntCounterVec::new(opts("canary_proxy_override_requests_total", "Requests routed by the [override] header, by the version that served them (the rollback target when the named version is rolled back)."), v)),
             mirror_requests: registered(r, IntCounterVec::new(opts("canary_proxy_mirror_requests_total", "Copies sent by [mirror] that ended, by version and code: the HTTP status of the copy's answer, or connect, reset or timeout when it got none. Not in canary_proxy_requests_total."), &["version", "code"])),
             mirror_dropped: registered(r, IntCounterVec::new(opts("canary_proxy_mirror_dropped_total", "Copies [mirror] chose but did not send, by version and reason: full (max_in_flight reached), body_too_large (above max_body), body_incomplete (the request body failed or was not read to its end)."), &["version", "reason"])),
@@ -371,6 +375,28 @@ impl Metrics {
         self.rollback_held
             .with_label_values(&[name])
             .set(held as i64);
+    }
+
+    /// Where the `[progress]` run of `version` stands.
+    pub(crate) fn set_progress(&self, version: &str, step: usize, state: crate::progress::State) {
+        self.progress_step
+            .with_label_values(&[version])
+            .set(step as i64);
+        for s in crate::progress::State::ALL {
+            self.progress_state
+                .with_label_values(&[version, s.as_str()])
+                .set((s == state) as i64);
+        }
+    }
+
+    /// The `[progress]` run of `version` ended: its series go.
+    pub(crate) fn forget_progress(&self, version: &str) {
+        let _ = self.progress_step.remove_label_values(&[version]);
+        for s in crate::progress::State::ALL {
+            let _ = self
+                .progress_state
+                .remove_label_values(&[version, s.as_str()]);
+        }
     }
 
     /// A request the override header sent to `version`.

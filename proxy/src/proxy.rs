@@ -171,6 +171,8 @@ impl Proxy {
             stop_rest.clone(),
         );
 
+        spawn_progress_ticker(control.clone(), stop_rest.clone());
+
         let limit = connection_limit(&config.server, control.metrics());
         let start = Servers {
             event_loops: &event_loops,
@@ -364,4 +366,21 @@ pub fn shutdown_signal() -> impl Future<Output = ()> {
             _ = wait(interrupt) => tracing::info!("SIGINT received"),
         }
     }
+}
+
+/// How often the `[progress]` run is brought up to date: well under the
+/// shortest `step_time` (1 s), and nothing to do without a run.
+const PROGRESS_TICK: Duration = Duration::from_millis(100);
+
+fn spawn_progress_ticker(control: Arc<Control>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(PROGRESS_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => control.tick(),
+            }
+        }
+    });
 }

@@ -86,6 +86,8 @@ pub(crate) struct RouteTable {
     pub(crate) override_: Option<Override>,
     /// `[mirror]`: copies of other versions' requests to one version.
     pub(crate) mirror: Option<Mirror>,
+    /// `[progress]`: one version's weight in steps, on good evidence.
+    pub(crate) progress: Option<ProgressSpec>,
     /// Hex SHA-256 prefix of the file's bytes: what `/status` and
     /// `canary_proxy_config_info{hash}` show, so an operator can compare it
     /// with `sha256sum routes.toml`.
@@ -358,6 +360,7 @@ struct RawRoutes {
     #[serde(rename = "override")]
     override_: Option<Spanned<routing::RawOverride>>,
     mirror: Option<Spanned<routing::RawMirror>>,
+    progress: Option<Spanned<steps::RawProgress>>,
 }
 
 /// A table of the routes file whose keys are all read as spanned values and
@@ -379,7 +382,9 @@ macro_rules! raw_table {
 
 // After the macro: it is in scope by its text's order.
 mod routing;
+mod steps;
 pub(crate) use routing::{Mirror, Override, Sticky, StickyKey};
+pub(crate) use steps::ProgressSpec;
 
 raw_table!(
     /// `[versions.NAME]`
@@ -403,7 +408,9 @@ raw_table!(
 );
 
 /// The top level: the tables above.
-const TOP_KEYS: &[&str] = &["versions", "rollback", "sticky", "override", "mirror"];
+const TOP_KEYS: &[&str] = &[
+    "versions", "rollback", "sticky", "override", "mirror", "progress",
+];
 
 struct Problems<'a> {
     lines: &'a LineIndex,
@@ -574,6 +581,9 @@ fn validate(raw: RawRoutes, lines: &LineIndex) -> Result<RouteTable, Vec<Problem
     let mirror = raw
         .mirror
         .and_then(|r| routing::validate_mirror(r, &versions, &declared, &mut problems));
+    let progress = raw.progress.and_then(|r| {
+        steps::validate_progress(r, &versions, &declared, rollback.as_ref(), &mut problems)
+    });
     if problems.list.is_empty() {
         Ok(RouteTable {
             versions,
@@ -581,6 +591,7 @@ fn validate(raw: RawRoutes, lines: &LineIndex) -> Result<RouteTable, Vec<Problem
             sticky,
             override_,
             mirror,
+            progress,
             hash: String::new(),
         })
     } else {
@@ -1015,11 +1026,12 @@ fn unknown_keys(doc: &toml::de::DeTable<'_>, lines: &LineIndex) -> Vec<Problem> 
                     }
                 }
             }
-            "sticky" | "override" | "mirror" => {
+            "sticky" | "override" | "mirror" | "progress" => {
                 let accepted = match name {
                     "sticky" => routing::RawSticky::KEYS,
                     "override" => routing::RawOverride::KEYS,
-                    _ => routing::RawMirror::KEYS,
+                    "mirror" => routing::RawMirror::KEYS,
+                    _ => steps::RawProgress::KEYS,
                 };
                 if let toml::de::DeValue::Table(fields) = v.get_ref() {
                     for (fk, _) in fields {
@@ -1081,12 +1093,16 @@ fn not_tables(doc: &toml::de::DeTable<'_>, lines: &LineIndex) -> Vec<Problem> {
                 other,
                 "write [rollback] with target = \"stable\" and the keys of docs/routes.md",
             ),
-            (name @ ("sticky" | "override" | "mirror"), other) if !other.is_table() => report(
+            (name @ ("sticky" | "override" | "mirror" | "progress"), other)
+                if !other.is_table() =>
+            {
+                report(
                 name.into(),
                 k.span(),
                 other,
-                &format!("write [{name}] with the keys of docs/routing.md"),
-            ),
+                    &format!("write [{name}] with the keys of docs/routes.md"),
+                )
+            }
             _ => {}
         }
     }
@@ -1226,6 +1242,21 @@ impl RouteTable {
             self.override_.as_ref(),
             self.mirror.as_ref(),
         ));
+        if let Some(p) = &self.progress {
+            let steps: Vec<String> = p.steps.iter().map(|s| format!("{s}%")).collect();
+            out.push_str(&format!(
+                "progress: `{}` steps through {}, each for at least {} and until {} of its answers judged in the step show no regression{}{}; its weight above is replaced by the step's share\n",
+                self.versions[p.version].name,
+                steps.join(" -> "),
+                humantime::format_duration(p.step_time),
+                p.min_requests,
+                match p.start {
+                    Some(t) => format!("; the schedule starts at {}", humantime::format_rfc3339_seconds(t)),
+                    None => "; each replica starts the schedule when it reads the file".to_string(),
+                },
+                if p.paused { " (paused)" } else { "" }
+            ));
+        }
         out
     }
 }

@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::control::Control;
 use crate::guard::Criterion;
 use crate::server;
+use status::ProgressView;
 use status::{JudgmentView, Status};
 
 /// Whether the proxy wants new traffic: `/readyz`, turned off by the
@@ -131,7 +132,14 @@ fn route(
         }
         "/status" => {
             let store = control.store();
-            let status = Status::new(&store.load(), &control.reload_status(), store.now());
+            // Up to this instant, not to the last tick: two replicas read at
+            // the same moment agree, whatever the phase of their tickers.
+            control.tick();
+            let (snap, now) = (store.load(), store.now());
+            let progress = control.progress(|run| {
+                ProgressView::new(run, run.version_name(), now, store.clock().wall())
+            });
+            let status = Status::new(&snap, &control.reload_status(), now, progress);
             let mut body = serde_json::to_vec_pretty(&status).expect("status is plain JSON");
             body.push(b'\n');
             let mut resp = Response::new(Full::new(Bytes::from(body)));

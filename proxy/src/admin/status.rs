@@ -6,7 +6,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::control::ReloadStatus;
+use crate::control::{ProgressRun, ReloadStatus};
 use crate::guard::{Counts, Criterion, Judgment, Totals};
 use crate::routes::{RollbackPolicy, StickyKey};
 use crate::snapshot::{RollbackRecord, Snapshot, VersionRuntime};
@@ -24,7 +24,58 @@ pub(crate) struct Status {
     #[serde(rename = "override")]
     pub(crate) override_: Option<OverrideView>,
     pub(crate) mirror: Option<MirrorView>,
+    /// The `[progress]` run; `null` without the table.
+    pub(crate) progress: Option<ProgressView>,
     pub(crate) reload: ReloadView,
+}
+
+/// `[progress]`: where the run stands (docs/progressive.md).
+#[derive(Debug, Serialize)]
+pub(crate) struct ProgressView {
+    pub(crate) version: String,
+    /// progressing, waiting_for_evidence, paused, complete or rolled_back.
+    pub(crate) state: &'static str,
+    /// 1-based index into `steps`; 0 before the schedule's start.
+    pub(crate) step: usize,
+    pub(crate) steps: Vec<u64>,
+    /// The version's share of traffic now, in percent.
+    pub(crate) weight_percent: u64,
+    pub(crate) step_started_at: Option<String>,
+    /// When the current step's time is up; `null` when complete, rolled
+    /// back or paused.
+    pub(crate) next_step_at: Option<String>,
+    /// Answers of the version judged in the current step, and how many it
+    /// needs before it may advance.
+    pub(crate) judged: u64,
+    pub(crate) min_requests: u64,
+    pub(crate) reason: String,
+}
+
+impl ProgressView {
+    pub(crate) fn new(p: &ProgressRun, name: &str, now: Duration, wall: SystemTime) -> Self {
+        // Clock instants to wall time, by their distance from now.
+        let at = |ns: i128| {
+            let now_ns = now.as_nanos() as i128;
+            let t = if ns >= now_ns {
+                wall + Duration::from_nanos((ns - now_ns) as u64)
+            } else {
+                wall - Duration::from_nanos((now_ns - ns) as u64)
+            };
+            rfc3339(t)
+        };
+        ProgressView {
+            version: name.to_owned(),
+            state: p.run.state().as_str(),
+            step: p.run.step(),
+            steps: p.spec.steps.clone(),
+            weight_percent: p.run.percent(&p.spec),
+            step_started_at: p.run.step_started().map(|d| at(d.as_nanos() as i128)),
+            next_step_at: p.run.next_step_at(&p.spec).map(at),
+            judged: p.run.judged_in_step(),
+            min_requests: p.spec.min_requests,
+            reason: p.run.reason().to_owned(),
+        }
+    }
 }
 
 /// `[sticky]`.
@@ -201,7 +252,12 @@ pub(crate) struct ReloadErrorView {
 
 impl Status {
     /// The view of `snap` at monotonic time `now`.
-    pub(crate) fn new(snap: &Snapshot, reload: &ReloadStatus, now: Duration) -> Status {
+    pub(crate) fn new(
+        snap: &Snapshot,
+        reload: &ReloadStatus,
+        now: Duration,
+        progress: Option<ProgressView>,
+    ) -> Status {
         let versions = snap
             .versions
             .iter()
@@ -299,6 +355,7 @@ impl Status {
                 max_in_flight: m.max_in_flight,
                 active: snap.versions[m.version].rollback.is_none(),
             }),
+            progress,
             reload: ReloadView {
                 successes: reload.successes,
                 failures: reload.failures,
