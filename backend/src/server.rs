@@ -16,6 +16,9 @@ use tokio::sync::oneshot;
 use tokio::task::{JoinHandle, JoinSet};
 use tracing::{debug, info, warn};
 
+/// SO_RCVBUF of each accepted connection (see the accept loop).
+const RECV_BUFFER: usize = 1 << 20;
+
 use crate::drain::{finish_connections, Finished, Readiness};
 use crate::service::Routes;
 use crate::Config;
@@ -88,6 +91,17 @@ pub async fn serve(
                 // them back waiting for the client's delayed ACK.
                 if let Err(err) = stream.set_nodelay(true) {
                     debug!(%peer, error = %err, "cannot set TCP_NODELAY");
+                }
+                // A fixed 1 MiB receive buffer instead of the kernel's
+                // auto-tuning (up to tcp_rmem's max, 32 MB on some hosts).
+                // /echo stops reading while its answer is backpressured; a
+                // receive queue grown that large was seen to overflow and
+                // prune, after which Linux >= 6.17 skips the peer's ACKs as
+                // beyond the window and the echo crawls on retransmit
+                // back-off (a 200 MB echo through the proxy stalled for a
+                // minute). A ping service needs no more than this.
+                if let Err(err) = socket2::SockRef::from(&stream).set_recv_buffer_size(RECV_BUFFER) {
+                    debug!(%peer, error = %err, "cannot set SO_RCVBUF");
                 }
                 let routes = routes.clone();
                 let service = service_fn(move |req| {
