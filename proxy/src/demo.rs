@@ -39,14 +39,20 @@ pub struct DemoConfig {
     /// Send the demo's traffic as a few synthetic users, each with a fixed
     /// `x-user-id`, and show which version each one reaches.
     pub sticky: bool,
+    /// Run a short `[progress]` schedule (seconds per step) on the canary.
+    pub progressive: bool,
     pub duration: Option<Duration>,
     /// Timeouts and reload settings; `routes` is filled in by the demo.
     pub run: RunConfig,
 }
 
 pub async fn run(config: DemoConfig) -> anyhow::Result<()> {
-    let routes_path = resolve_routes(config.routes.as_deref())?;
-    let table = routes::load(&routes_path)?;
+    let mut routes_path = resolve_routes(config.routes.as_deref())?;
+    let mut table = routes::load(&routes_path)?;
+    if config.progressive && table.progress.is_none() {
+        routes_path = with_progress(&routes_path, &table)?;
+        table = routes::load(&routes_path)?;
+    }
     if config.sticky
         && !matches!(&table.sticky, Some(s) if s.key == StickyKey::Header(HeaderName::from_static(USER_HEADER)))
     {
@@ -112,6 +118,15 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<()> {
     if config.canary_error_rate == 0.0 {
         println!("fault: restart with --canary-error-rate 0.3 to watch the automatic rollback");
     }
+    if let Some(p) = &table.progress {
+        let steps: Vec<String> = p.steps.iter().map(|s| format!("{s}%")).collect();
+        println!(
+            "progress: {} steps through {}, {} a step at least; add paused = true to hold it",
+            table.versions[p.version].name,
+            steps.join(" -> "),
+            humantime::format_duration(p.step_time)
+        );
+    }
     let users = config.sticky.then(|| {
         let names: Vec<&str> = USERS.to_vec();
         println!("users: {} send {USER_HEADER}: NAME; [sticky] keeps each on one version. Raise the canary's weight and watch: users only move to it.", names.join(", "));
@@ -147,6 +162,42 @@ pub async fn run(config: DemoConfig) -> anyhow::Result<()> {
         let _ = b.shutdown().await;
     }
     Ok(())
+}
+
+/// `--progressive` on a file without `[progress]`: the same file plus a
+/// short schedule for the first version that is not the rollback target,
+/// written beside a temporary copy (the original stays as it was).
+fn with_progress(path: &Path, table: &RouteTable) -> anyhow::Result<PathBuf> {
+    let target = table.rollback.as_ref().map(|r| r.target);
+    let Some(version) = table
+        .versions
+        .iter()
+        .enumerate()
+        .find(|(i, _)| Some(*i) != target)
+        .map(|(_, v)| &v.name)
+    else {
+        bail!(
+            "--progressive: {} has no version besides the rollback target to step up",
+            path.display()
+        );
+    };
+    if target.is_none() {
+        bail!("--progressive: {} has no [rollback] table; a step advances only on the judgment's evidence, so add [rollback] with target = \"stable\"", path.display());
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let dir = std::env::temp_dir().join(format!(
+        "canary-proxy-demo-progressive-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let out = dir.join("routes.toml");
+    std::fs::write(
+        &out,
+        format!("{text}\n# Added by `demo --progressive`: a schedule in seconds (docs/progressive.md).\n[progress]\nversion = \"{version}\"\nsteps = [10, 25, 50, 100]\nstep_time = \"5s\"\nmin_requests = 10\n"),
+    )
+    .with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(out)
 }
 
 /// Use the given file, else `config/demo/routes.toml` under the current
@@ -335,7 +386,13 @@ async fn live_view(proxy: &Proxy, users: Option<&Users>) {
             } else {
                 100.0 * deltas[i] as f64 / sum as f64
             };
-            let (configured, _) = snap.shares(i);
+            let (configured, effective) = snap.shares(i);
+            // The routing weight, where a rollback or [progress] moved it.
+            let weight = if (configured - effective).abs() < 1e-9 {
+                format!("{:>5.1}%", configured * 100.0)
+            } else {
+                format!("{:>5.1}% -> {:.1}%", configured * 100.0, effective * 100.0)
+            };
             let w = v.judgment.totals(now);
             let state = match &v.rollback {
                 Some(r) => format!(
@@ -374,11 +431,25 @@ async fn live_view(proxy: &Proxy, users: Option<&Users>) {
                     )
                 }
             };
-            println!("[{:>4}s] {:<10} {:>4}/s  share {:>5.1}% (weight {:>5.1}%)  requests {:>7}  errors {:>5}  {}", started.elapsed().as_secs(), v.name, deltas[i], share, configured * 100.0, total, errors, state);
+            println!("[{:>4}s] {:<10} {:>4}/s  share {:>5.1}% (weight {weight})  requests {:>7}  errors {:>5}  {}", started.elapsed().as_secs(), v.name, deltas[i], share, total, errors, state);
             last.insert(v.name.to_string(), total);
         }
         if let Some(users) = users {
             println!("[{:>4}s] {}", started.elapsed().as_secs(), users.line());
+        }
+        let progress = proxy.control().progress(|run| {
+            format!(
+                "progress: {} step {}/{} ({}%)  {}  {}",
+                run.version_name(),
+                run.run.step(),
+                run.spec.steps.len(),
+                run.run.percent(&run.spec),
+                run.run.state().as_str(),
+                run.run.reason()
+            )
+        });
+        if let Some(line) = progress {
+            println!("[{:>4}s] {line}", started.elapsed().as_secs());
         }
     }
 }

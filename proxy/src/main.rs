@@ -138,6 +138,9 @@ struct DemoArgs {
     /// Send the demo's traffic as 8 synthetic users (an x-user-id each) and show which version each reaches; the routes file needs [sticky] header = "x-user-id" (the demo's has it).
     #[arg(long)]
     sticky: bool,
+    /// Step the canary up on a short [progress] schedule (10% to 100%, 5 s a step at least, on good evidence) and show it live; with --canary-error-rate 0.3, watch the rollback stop it.
+    #[arg(long)]
+    progressive: bool,
     /// Stop after this long (default: run until Ctrl-C).
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
@@ -421,6 +424,7 @@ fn demo(args: DemoArgs) -> anyhow::Result<()> {
         canary_latency: args.canary_latency,
         traffic_per_second: args.traffic,
         sticky: args.sticky,
+        progressive: args.progressive,
         duration: args.duration,
         run,
     };
