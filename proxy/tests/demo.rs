@@ -124,4 +124,36 @@ async fn demo_serves_pong_on_8080_and_prints_live_lines() {
         );
     }
     drop(demo);
+
+    // `--progressive`: the canary steps up to complete on its own.
+    let mut demo = Process::spawn(
+        Command::new(env!("CARGO_BIN_EXE_canary-proxy"))
+            .args(["demo", "--progressive", "--duration", "60s", "--traffic", "60"])
+            .current_dir(&root)
+            .env("RUST_LOG", "warn"),
+    );
+    eventually(
+        Duration::from_secs(50),
+        "a progress line that says complete",
+        || {
+            if let Some(status) = demo.try_wait() {
+                panic!(
+                    "demo --progressive exited early with {status}; stdout: {:?}; stderr: {:?}",
+                    demo.stdout_lines(),
+                    demo.stderr_lines()
+                );
+            }
+            let done = demo
+                .stdout_lines()
+                .iter()
+                .any(|l| l.contains("progress: canary step 4/4 (100%)  complete"));
+            async move { done.then_some(()) }
+        },
+    )
+    .await;
+    let lines = demo.stdout_lines();
+    for step in ["step 1/4 (10%)", "step 2/4 (25%)", "step 3/4 (50%)"] {
+        assert!(lines.iter().any(|l| l.contains(step)), "no line shows {step}: {lines:?}");
+    }
+    drop(demo);
 }

@@ -708,7 +708,8 @@ async fn every_metric_in_the_docs_is_exported_and_every_exported_one_is_document
              [versions.dead]\nupstream = \"http://{dead}\"\nweight = 25\n\n\
              [rollback]\ntarget = \"stable\"\nslower_than = \"1s\"\n\n\
              [override]\nheader = \"x-canary-version\"\n\n\
-             [mirror]\nversion = \"dead\"\nshare = 1.0\n",
+             [mirror]\nversion = \"dead\"\nshare = 1.0\n\n\
+             [progress]\nversion = \"canary\"\nsteps = [25, 100]\nstep_time = \"1h\"\n",
             stable.addr,
             canary.addr(),
         ),
