@@ -295,14 +295,26 @@ fn sync_progress(inner: &mut Inner, table: &RouteTable, clock: &dyn Clock, metri
                     Ok(ago) => ago.as_nanos() as i128,
                     Err(ahead) => -(ahead.duration().as_nanos() as i128),
                 });
+            // The version's judgment, if it carries on (its entry and the
+            // policy unchanged): the run counts only answers from now on.
+            let judgment = inner
+                .judgments
+                .get(&entry.name)
+                .filter(|e| e.spec == entry && e.policy == table.rollback)
+                .map(|e| e.judgment.clone());
+            let judged = judgment
+                .as_ref()
+                .and_then(|j| j.judged(Criterion::Errors))
+                .unwrap_or(0);
             let mut run = Progress::new(clock.now(), since_start);
+            run.start_count(judged);
             // The first step, if the schedule has started, before anything
             // is published: a reload never shows the version at 0 first.
             run.update(
                 &spec,
                 clock.now(),
                 ProgressEvidence {
-                    judged: 0,
+                    judged,
                     clean: true,
                     rolled_back: false,
                 },
@@ -313,7 +325,7 @@ fn sync_progress(inner: &mut Inner, table: &RouteTable, clock: &dyn Clock, metri
                 spec,
                 entry,
                 run,
-                judgment: None,
+                judgment,
             });
         }
     }
@@ -538,7 +550,18 @@ fn build(inner: &mut Inner, table: Arc<RouteTable>, metrics: &Metrics) -> Snapsh
         sticky: table
             .sticky
             .as_ref()
-            .map(|_| Rendezvous::new(table.versions.iter().map(|v| (v.name.as_str(), v.weight)))),
+            // The weights before rollback, [progress] included: a step up
+            // moves keys only to the version, and a rolled-back version's
+            // keys go to the target one by one (`Snapshot::serving`).
+            .map(|_| {
+                Rendezvous::new(
+                    table
+                        .versions
+                        .iter()
+                        .zip(&routed)
+                        .map(|(v, w)| (v.name.as_str(), *w)),
+                )
+            }),
         effective: effective.into(),
         versions: versions.into(),
         table,

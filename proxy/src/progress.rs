@@ -239,6 +239,12 @@ impl Progress {
         self.judged_in_step = 0;
     }
 
+    /// Count answers judged from `judged` on (the judgment's count when
+    /// the run starts), not the ones before the run.
+    pub(crate) fn start_count(&mut self, judged: u64) {
+        self.judged_at_step = judged;
+    }
+
     /// The judgment was replaced (a policy change): count from its start.
     pub(crate) fn judgment_restarted(&mut self) {
         self.judged_at_step = 0;

@@ -68,7 +68,11 @@ impl ProgressView {
             state: p.run.state().as_str(),
             step: p.run.step(),
             steps: p.spec.steps.clone(),
-            weight_percent: p.run.percent(&p.spec),
+            // A rolled-back version takes nothing, whatever its step.
+            weight_percent: match p.run.state() {
+                crate::progress::State::RolledBack => 0,
+                _ => p.run.percent(&p.spec),
+            },
             step_started_at: p.run.step_started().map(|d| at(d.as_nanos() as i128)),
             next_step_at: p.run.next_step_at(&p.spec).map(at),
             judged: p.run.judged_in_step(),

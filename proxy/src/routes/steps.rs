@@ -10,9 +10,10 @@ use super::{show, suggest, Problems, RollbackPolicy, VersionSpec};
 const MAX_STEPS: usize = 100;
 const STEP_TIME_RANGE: (Duration, Duration) =
     (Duration::from_secs(1), Duration::from_secs(24 * 3600));
-/// Answers judged in a step before it may advance, by default: with the
-/// default trip odds the judgment tells a version at twice its error line
-/// from a healthy one in about this many answers (docs/rollback.md).
+/// Answers judged in a step before it may advance, by default: enough that
+/// a step rests on more than a handful of answers. A clearly bad version
+/// trips the rollback on far fewer; one just over its line needs hundreds
+/// (docs/rollback.md), which is what several steps add up to.
 const DEFAULT_MIN_REQUESTS: u64 = 100;
 const MAX_MIN_REQUESTS: u64 = 1_000_000;
 
