@@ -37,6 +37,11 @@
 //! per thread with `--threads N`). Time comes from a `clock::Clock`, so the
 //! judgment and the control plane run on simulated time in tests.
 //!
+//! **The `status` command**: `status_view` reads a running proxy's
+//! `/status` over HTTP, as JSON only (never through the types of
+//! `admin::status`, since the proxy may be another release), and draws it
+//! in the terminal.
+//!
 //! `proxy` wires all of it together ([`Proxy`]); `main.rs` only parses
 //! flags. `demo` (cargo feature `demo`, on by default) runs the whole thing
 //! locally with two in-process ping backends.
@@ -64,6 +69,7 @@ mod routes;
 mod server;
 mod snapshot;
 mod split;
+mod status_view;
 mod tls;
 mod upstream;
 mod watch;
@@ -72,6 +78,7 @@ pub use forward::ForwardConfig;
 pub use proxy::{run, shutdown_signal, Listeners, Proxy, RunConfig, StartError};
 pub use routes::{content_hash, RoutesError};
 pub use server::ServerConfig;
+pub use status_view::{show_status, AdminUrl, AdminUrlError, StatusOptions, StatusOutput, Verdict};
 pub use tls::{provider as tls_crypto_provider, TlsConfig, TlsError};
 pub use watch::WatchConfig;
 

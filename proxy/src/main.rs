@@ -7,8 +7,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use canary_proxy::{ForwardConfig, Listeners, RunConfig, ServerConfig, TlsConfig, WatchConfig};
-use clap::{Args, Parser, Subcommand};
+use canary_proxy::{
+    AdminUrl, ForwardConfig, Listeners, RunConfig, ServerConfig, StatusOptions, StatusOutput,
+    TlsConfig, WatchConfig,
+};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +33,9 @@ enum Command {
         /// The routes file (TOML) to validate.
         path: PathBuf,
     },
+    /// Show a running proxy's /status in the terminal: weights, counts, judgment, rollbacks, progress.
+    #[command(after_help = STATUS_EXIT_CODES)]
+    Status(StatusArgs),
     /// Run the whole system locally: two ping backends (v1 stable, v2 canary) and the proxy, with a live view.
     #[cfg(feature = "demo")]
     Demo(DemoArgs),
@@ -77,6 +83,45 @@ struct RunArgs {
     /// Threads serving client connections, each with an event loop of its own; 0 means one per CPU core. New connections go to the threads in turn.
     #[arg(long, env = "CANARY_PROXY_THREADS", default_value_t = 0)]
     threads: usize,
+}
+
+const STATUS_EXIT_CODES: &str = "\
+Exit codes:
+  0  no version is rolled back (a healthy or complete release); also --watch stopped by Ctrl-C
+  1  a version is rolled back (or the progress schedule's state is rolled_back)
+  2  no valid /status document from --admin (nothing listening, a timeout, not the admin port), or a bad flag
+
+In a cluster, forward the admin port first:
+  kubectl -n canary-proxy port-forward deploy/canary-proxy 9090:9090";
+
+#[derive(Args)]
+struct StatusArgs {
+    /// The proxy's admin address, http://HOST:PORT; through `kubectl port-forward`, its local end.
+    #[arg(
+        long,
+        env = "CANARY_PROXY_ADMIN",
+        default_value = "http://127.0.0.1:9090",
+        value_name = "URL"
+    )]
+    admin: AdminUrl,
+    /// `text`: the view; `json`: the /status document exactly as received (the proxy pretty-prints it).
+    #[arg(long, value_enum, default_value_t = OutputFormat::Text)]
+    output: OutputFormat,
+    /// Redraw in place every --interval until Ctrl-C (then exit 0); while the proxy cannot be reached, show the error and keep trying. With --output json, print each document in turn.
+    #[arg(long)]
+    watch: bool,
+    /// How often --watch fetches /status.
+    #[arg(long, default_value = "2s", value_parser = parse_positive_duration)]
+    interval: Duration,
+    /// Give up on one fetch (connect and answer) after this long.
+    #[arg(long, default_value = "5s", value_parser = parse_positive_duration)]
+    timeout: Duration,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
 }
 
 /// Flags shared by `run` and `demo`.
@@ -208,6 +253,7 @@ fn main() -> ExitCode {
     raise_descriptor_limit();
     let result = match cli.command {
         Command::Check { path } => return check(&path),
+        Command::Status(args) => return status(args),
         Command::Run(args) => run(args),
         #[cfg(feature = "demo")]
         Command::Demo(args) => demo(args),
@@ -256,6 +302,25 @@ fn check(path: &std::path::Path) -> ExitCode {
         Err(e) => {
             eprintln!("error: {e}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn status(args: StatusArgs) -> ExitCode {
+    let options = StatusOptions {
+        admin: args.admin,
+        output: match args.output {
+            OutputFormat::Text => StatusOutput::Text,
+            OutputFormat::Json => StatusOutput::Json,
+        },
+        watch: args.watch.then_some(args.interval),
+        timeout: args.timeout,
+    };
+    match runtime(1) {
+        Ok(rt) => ExitCode::from(rt.block_on(canary_proxy::show_status(&options)).exit_code()),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
         }
     }
 }
