@@ -28,7 +28,7 @@
 //!   `VAR=value` and `exec`, and after each `|`, `&&`, `||`, `;`, `$(`) is
 //!   `canary-proxy`, `ping-backend` (or a path ending in either), or
 //!   `cargo run ... -p canary-proxy -- ARGS`. Such a flag must be in the
-//!   `--help` of that exact command: `canary-proxy run|check|demo --help`,
+//!   `--help` of that exact command: `canary-proxy run|check|demo|status --help`,
 //!   `canary-proxy --help` with no subcommand, or `ping-backend --help`.
 //!   Every other command (kubectl, curl, docker, cargo, bench/run, ...) is
 //!   someone else's, and so are its flags;
@@ -418,7 +418,7 @@ fn invocation_flags(command: &str) -> Vec<(String, String)> {
         let binary = match program {
             "ping-backend" => "ping-backend".to_owned(),
             "canary-proxy" => match args.first() {
-                Some(&sub) if ["run", "check", "demo"].contains(&sub) => {
+                Some(&sub) if ["run", "check", "demo", "status"].contains(&sub) => {
                     format!("canary-proxy {sub}")
                 }
                 Some(&"help") => continue,
@@ -507,7 +507,13 @@ fn help_flags(help: &str) -> BTreeSet<String> {
 /// `--help` of every command the docs can invoke, as flag sets.
 fn helps() -> BTreeMap<String, BTreeSet<String>> {
     let mut helps = BTreeMap::new();
-    for sub in [None, Some("run"), Some("check"), Some("demo")] {
+    for sub in [
+        None,
+        Some("run"),
+        Some("check"),
+        Some("demo"),
+        Some("status"),
+    ] {
         let out = Command::new(env!("CARGO_BIN_EXE_canary-proxy"))
             .args(sub)
             .arg("--help")
