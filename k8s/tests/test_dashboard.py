@@ -197,6 +197,12 @@ weight = 50
 
 [rollback]
 target = "stable"
+
+# For the progress panels: a run that stays on its first step for the test.
+[progress]
+version = "canary"
+steps = [50, 100]
+step_time = "1h"
 """
 # Some canary 5xx for the error ratio, well below the rollback line (5%).
 CANARY_ERROR_RATE = "0.02"

@@ -929,11 +929,12 @@ def test_example_routes_files_exist():
 @pytest.mark.parametrize("path", ROUTES_FILES, ids=[str(p.relative_to(EXAMPLES)) for p in ROUTES_FILES])
 def test_example_routes_files_pass_check(path, tmp_path):
     """The routes files docs point to (k8s/examples/grpc/routes.toml for a
-    gRPC service; sticky/, override/ and mirror/ for docs/routing.md) are
-    valid for this build of `canary-proxy check`, and each shows what it is
-    for: a gRPC example speaks h2c to every version; the routing examples
-    use the shipped Services and [rollback] table, and check's summary
-    describes their table."""
+    gRPC service; sticky/, override/ and mirror/ for docs/routing.md;
+    progressive/ and blue-green-gated/ for docs/progressive.md) are valid
+    for this build of `canary-proxy check`, and each shows what it is for: a
+    gRPC example speaks h2c to every version; the routing and progress
+    examples use the shipped Services and [rollback] table, and check's
+    summary describes their table."""
     text = path.read_text()
     result = proxy_check(text, tmp_path)
     assert result.returncode == 0, f"canary-proxy check rejects {path}:\n{result.stdout}{result.stderr}"
@@ -982,6 +983,25 @@ def test_example_routes_files_pass_check(path, tmp_path):
             f"{path}: mirroring anything but safe methods makes every change twice"
         )
         assert summary_mentions("mirror", mirror["version"]), result.stdout
+    if example in ("progressive", "blue-green-gated"):
+        check_upstreams(list(render(K8S)), routes)
+        shipped = tomllib.loads(routes_text(list(render(K8S))))["rollback"]
+        assert routes.get("rollback") == shipped, f"{path}: [rollback] differs from k8s/base/routes.toml's"
+        # The stepped version exists and is judged: the rollback target never
+        # is, so no step of it could pass.
+        version = routes["progress"]["version"]
+        assert version in routes["versions"], f"{path}: [progress] steps up a version that does not exist"
+        assert version != routes["rollback"]["target"], f"{path}: [progress] steps up the rollback target"
+        progress_lines = [line for line in result.stdout.splitlines() if line.startswith("progress:")]
+        assert any(f"`{version}`" in line for line in progress_lines), (
+            f"{path}: check's summary has no progress: line naming `{version}`:\n{result.stdout}"
+        )
+    if example == "blue-green-gated":
+        # Green is judged at 0% on copies, then switched to all of the traffic.
+        assert routes["progress"]["steps"] == [0, 100], routes["progress"]
+        assert routes["mirror"]["version"] == routes["progress"]["version"], (
+            f"{path}: the copies must go to the version the switch is gated on"
+        )
 
 
 # --- tests: alerts point at their runbook ---------------------------------------------------------

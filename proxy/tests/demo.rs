@@ -128,7 +128,14 @@ async fn demo_serves_pong_on_8080_and_prints_live_lines() {
     // `--progressive`: the canary steps up to complete on its own.
     let mut demo = Process::spawn(
         Command::new(env!("CARGO_BIN_EXE_canary-proxy"))
-            .args(["demo", "--progressive", "--duration", "60s", "--traffic", "60"])
+            .args([
+                "demo",
+                "--progressive",
+                "--duration",
+                "60s",
+                "--traffic",
+                "60",
+            ])
             .current_dir(&root)
             .env("RUST_LOG", "warn"),
     );
@@ -153,7 +160,10 @@ async fn demo_serves_pong_on_8080_and_prints_live_lines() {
     .await;
     let lines = demo.stdout_lines();
     for step in ["step 1/4 (10%)", "step 2/4 (25%)", "step 3/4 (50%)"] {
-        assert!(lines.iter().any(|l| l.contains(step)), "no line shows {step}: {lines:?}");
+        assert!(
+            lines.iter().any(|l| l.contains(step)),
+            "no line shows {step}: {lines:?}"
+        );
     }
     drop(demo);
 }
