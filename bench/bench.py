@@ -559,10 +559,16 @@ class Direct(System):
 # load and statistics
 
 
+# Set by --compare-routing sticky: every request of every system carries a
+# random x-user-id (count.lua reads it), so only the routing table differs.
+WRK_ENV = {}
+
+
 def run_wrk(url, seconds, connections=CONNECTIONS):
     cmd = ["taskset", "-c", LOAD_CPUS, "wrk", f"-t{WRK_THREADS}", f"-c{connections}", f"-d{seconds}s",
            "--timeout", "2s", "-s", LUA, url]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60,
+                         env={**os.environ, **WRK_ENV})
     line = next((ln for ln in out.stdout.splitlines() if ln.startswith("BENCH ")), None)
     if out.returncode != 0 or line is None:
         raise RuntimeError(f"wrk failed (exit {out.returncode}) against {url}:\n{out.stdout}\n{out.stderr}")
@@ -862,14 +868,38 @@ protocol = "h2c"
                 if s.proc:
                     self.procs.stop(s.proc)
 
+    def routing_routes(self, kind):
+        """The headline routes file plus one routing table (docs/routing.md),
+        in a directory of its own (canary-proxy watches it)."""
+        extra = {
+            # Every request has a key (count.lua sends a random one).
+            "sticky": '\n[sticky]\nheader = "x-user-id"\n',
+            # The table is there, and copies nothing.
+            "mirror-0": '\n[mirror]\nversion = "canary"\nshare = 0.0\n',
+        }[kind]
+        d = os.path.join(self.workdir, f"routes-{kind}")
+        os.makedirs(d, exist_ok=True)
+        path = os.path.join(d, "routes.toml")
+        with open(self.routes_file) as f, open(path, "w") as out:
+            out.write(f.read() + extra)
+        return path
+
     def compare_phase(self, other_bin, rounds):
-        """This build against another canary-proxy binary, with HAProxy as
-        the yardstick: the headline setup only, for checking one change."""
+        """This build against another canary-proxy binary, or against itself
+        with one routing table added (--compare-routing), with HAProxy as the
+        yardstick: the headline setup only, for checking one change."""
         threads = self.args.compare_threads
         cpus = SUT_CPUS_1 if threads == 1 else SUT_CPUS_2
-        systems = [CanaryProxy(self, threads, cpus),
-                   CanaryProxy(self, threads, cpus, binary=other_bin, label="canary-proxy (compared)"),
-                   HAProxy(self, threads, cpus)]
+        kind = self.args.compare_routing
+        if kind:
+            if kind == "sticky":
+                WRK_ENV["BENCH_USER_KEYS"] = "1"
+            other = CanaryProxy(self, threads, cpus, routes=self.routing_routes(kind),
+                                label=f"canary-proxy (+{kind})")
+            other_bin = f"this build with routes + {kind}"
+        else:
+            other = CanaryProxy(self, threads, cpus, binary=other_bin, label="canary-proxy (compared)")
+        systems = [CanaryProxy(self, threads, cpus), other, HAProxy(self, threads, cpus)]
         log(f"compare: {self.proxy_bin} against {other_bin}, {threads} worker thread(s), on CPU {cpus}")
         try:
             for s in systems:
@@ -1241,7 +1271,7 @@ protocol = "h2c"
         head = idle = None
         try:
             self.start_upstreams()
-            if a.compare:
+            if a.compare or a.compare_routing:
                 self.compare_phase(a.compare, a.rounds)
             elif a.only == "h2":
                 self.h2_phase(a.h2_rounds)
@@ -1262,7 +1292,7 @@ protocol = "h2c"
             log(f"harness error: {e}")
         finally:
             self.procs.stop_all()
-        return self.finish(started, head, idle, compare=bool(a.compare))
+        return self.finish(started, head, idle, compare=bool(a.compare or a.compare_routing))
 
     def finish(self, started, head, idle, compare=False):
         a = self.args
@@ -1306,6 +1336,10 @@ def main():
     ap.add_argument("--idle-hold", type=float)
     ap.add_argument("--compare-threads", type=int, default=1, choices=(1, 2),
                     help="worker threads of every system in --compare (2: the second figure's setup)")
+    ap.add_argument("--compare-routing", choices=("sticky", "mirror-0"),
+                    help="only the headline setup: this build against itself with a routing table added "
+                    "(sticky: [sticky] header, every request with a random x-user-id; mirror-0: [mirror] at "
+                    "share 0), to measure what the table costs; writes <date>-compare.md")
     ap.add_argument("--compare", metavar="BIN", help="only the headline setup: this build against another "
                     "canary-proxy binary (and HAProxy), to measure one change; writes <date>-compare.md")
     args = ap.parse_args()

@@ -14,6 +14,16 @@ function init(args)
   counts = {}
 end
 
+-- With BENCH_USER_KEYS set (bench.py --compare-routing sticky), every
+-- request carries a random x-user-id, as a sticky deployment's would; for
+-- every system alike, so only the proxy's routing table differs.
+if os.getenv("BENCH_USER_KEYS") then
+  function request()
+    wrk.headers["x-user-id"] = tostring(math.random(1, 1000000000))
+    return wrk.format()
+  end
+end
+
 function response(status, headers, body)
   local key = headers["x-ping-version"]
   if status < 200 or status > 299 then

@@ -66,7 +66,7 @@ pub(crate) enum Chosen {
     /// A bodiless request: send it now.
     Now(Copy),
     /// Wait for the body: the tee goes on the client's body.
-    Tee(Tee),
+    Tee(Box<Tee>),
 }
 
 /// Whether the request that `served` serves is copied. `None` costs one
@@ -117,11 +117,11 @@ pub(super) fn choose(
         Chosen::Now(copy)
     } else {
         let capacity = req.body_len.unwrap_or(0).min(m.max_body) as usize;
-        Chosen::Tee(Tee {
+        Chosen::Tee(Box::new(Tee {
             buf: BytesMut::with_capacity(capacity),
             limit: m.max_body as usize,
             copy: Some(copy),
-        })
+        }))
     })
 }
 

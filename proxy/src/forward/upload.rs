@@ -55,7 +55,9 @@ pub(crate) struct Paced {
     /// `None` for a body with nothing in it: no timer for a GET.
     deadline: Option<Pin<Box<Sleep>>>,
     /// The copy `[mirror]` makes of the body, if this request is copied.
-    tee: Option<Tee>,
+    /// Boxed: every request's body carries the field, few use it, and the
+    /// request's future is moved by value.
+    tee: Option<Box<Tee>>,
 }
 
 /// Why a paced body failed.
@@ -68,7 +70,7 @@ pub(crate) enum PacedError {
 }
 
 impl Paced {
-    fn new(inner: Incoming, pace: Pace, tee: Option<Tee>) -> Self {
+    fn new(inner: Incoming, pace: Pace, tee: Option<Box<Tee>>) -> Self {
         let start = Instant::now();
         let deadline = (!inner.is_end_stream())
             .then(|| Box::pin(tokio::time::sleep_until(start + pace.grace)));
@@ -115,7 +117,7 @@ impl Body for Paced {
                 // so its end is seen here as well as at `None`.
                 if this.inner.is_end_stream() {
                     if let Some(tee) = this.tee.take() {
-                        tee.finish();
+                        (*tee).finish();
                     }
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -127,7 +129,7 @@ impl Body for Paced {
             }
             Poll::Ready(None) => {
                 if let Some(tee) = this.tee.take() {
-                    tee.finish();
+                    (*tee).finish();
                 }
                 Poll::Ready(None)
             }
@@ -159,7 +161,7 @@ pub(crate) struct UploadState(Option<Arc<AtomicU8>>);
 
 /// Wrap the client's body. A request without one needs no note, no timer
 /// and no allocation beyond the wrapper: its body is over before it starts.
-pub(crate) fn watch(body: Incoming, pace: Pace, tee: Option<Tee>) -> (ClientBody, UploadState) {
+pub(crate) fn watch(body: Incoming, pace: Pace, tee: Option<Box<Tee>>) -> (ClientBody, UploadState) {
     let empty = body.is_end_stream();
     let paced = Paced::new(body, pace, tee);
     if empty {
