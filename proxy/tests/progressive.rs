@@ -282,3 +282,46 @@ async fn two_processes_with_the_same_start_are_on_the_same_step_at_the_same_mome
         "both walked every step"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gated_blue_green_switches_only_after_the_copies_are_judged() {
+    let blue = backend("v1", 0.0, Duration::ZERO).await;
+    let green = backend("v2", 0.0, Duration::ZERO).await;
+    let text = routes(&[("stable", blue.addr(), 100), ("canary", green.addr(), 0)], Some(POLICY))
+        + "\n[mirror]\nversion = \"canary\"\nshare = 0.5\n\n[progress]\nversion = \"canary\"\nsteps = [0, 100]\nstep_time = \"1s\"\nmin_requests = 100\n";
+    let proxy = TestProxy::start(&text).await;
+    let c = client();
+    // Time alone does not switch: past the step's time, no copy yet.
+    let s = eventually(Duration::from_secs(10), "waiting_for_evidence at 0%", || async {
+        let s = proxy.status().await;
+        (step_of(&s).1 == "waiting_for_evidence").then_some(s)
+    })
+    .await;
+    assert_eq!((step_of(&s).0, s["progress"]["weight_percent"].as_u64()), (1, Some(0)));
+    // Blue serves; half its GETs are copied to green and judged. Until
+    // 100 copies are judged, no user reaches green.
+    let green_before_switch = std::sync::atomic::AtomicUsize::new(0);
+    let switched = eventually(Duration::from_secs(30), "the switch to green", || {
+        let c = c.clone();
+        let (proxy, counter) = (&proxy, &green_before_switch);
+        async move {
+            let s = proxy.status().await;
+            if step_of(&s).1 == "complete" {
+                return Some(s);
+            }
+            let v = versions_of(&c, proxy.addr, 20).await;
+            let green = v.iter().filter(|v| *v == "v2").count();
+            counter.fetch_add(green, std::sync::atomic::Ordering::Relaxed);
+            None
+        }
+    })
+    .await;
+    assert_eq!(green_before_switch.into_inner(), 0, "a user reached green before the switch");
+    assert_eq!(switched["progress"]["weight_percent"], 100);
+    let m = proxy.metrics().await;
+    let copies = sample(&m, "canary_proxy_mirror_requests_total", &[("version", "canary"), ("code", "200")]).unwrap_or(0.0);
+    assert!(copies >= 100.0, "switched after {copies} copies");
+    // After the switch, green serves everyone.
+    assert!(versions_of(&c, proxy.addr, 50).await.iter().all(|v| v == "v2"));
+    proxy.shutdown().await;
+}
