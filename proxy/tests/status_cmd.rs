@@ -255,3 +255,27 @@ async fn watch_redraws_until_stopped_and_survives_an_outage() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_progress_run_is_shown_with_its_step_and_state() {
+    let stable = backend("v1", 0.0, Duration::ZERO).await;
+    let canary = backend("v2", 0.0, Duration::ZERO).await;
+    let proxy = TestProxy::start(
+        &(routes(
+            &[("stable", stable.addr(), 100), ("canary", canary.addr(), 0)],
+            Some("target = \"stable\""),
+        ) + "\n[progress]\nversion = \"canary\"\nsteps = [10, 100]\nstep_time = \"1h\"\nmin_requests = 5\n"),
+    )
+    .await;
+    let run = run(&["--admin", &admin_url(&proxy)]).await;
+    assert_eq!(run.status.code(), Some(0), "{}{}", run.stdout, run.stderr);
+    let line = run
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("progress"))
+        .unwrap_or_else(|| panic!("no progress line:\n{}", run.stdout));
+    for part in ["canary", "1/2", "10%", "progressing"] {
+        assert!(line.contains(part), "{part:?} missing from {line:?}");
+    }
+    proxy.shutdown().await;
+}
