@@ -292,12 +292,19 @@ async fn a_gated_blue_green_switches_only_after_the_copies_are_judged() {
     let proxy = TestProxy::start(&text).await;
     let c = client();
     // Time alone does not switch: past the step's time, no copy yet.
-    let s = eventually(Duration::from_secs(10), "waiting_for_evidence at 0%", || async {
-        let s = proxy.status().await;
-        (step_of(&s).1 == "waiting_for_evidence").then_some(s)
-    })
+    let s = eventually(
+        Duration::from_secs(10),
+        "waiting_for_evidence at 0%",
+        || async {
+            let s = proxy.status().await;
+            (step_of(&s).1 == "waiting_for_evidence").then_some(s)
+        },
+    )
     .await;
-    assert_eq!((step_of(&s).0, s["progress"]["weight_percent"].as_u64()), (1, Some(0)));
+    assert_eq!(
+        (step_of(&s).0, s["progress"]["weight_percent"].as_u64()),
+        (1, Some(0))
+    );
     // Blue serves; half its GETs are copied to green and judged. Until
     // 100 copies are judged, no user reaches green.
     let green_before_switch = std::sync::atomic::AtomicUsize::new(0);
@@ -316,12 +323,24 @@ async fn a_gated_blue_green_switches_only_after_the_copies_are_judged() {
         }
     })
     .await;
-    assert_eq!(green_before_switch.into_inner(), 0, "a user reached green before the switch");
+    assert_eq!(
+        green_before_switch.into_inner(),
+        0,
+        "a user reached green before the switch"
+    );
     assert_eq!(switched["progress"]["weight_percent"], 100);
     let m = proxy.metrics().await;
-    let copies = sample(&m, "canary_proxy_mirror_requests_total", &[("version", "canary"), ("code", "200")]).unwrap_or(0.0);
+    let copies = sample(
+        &m,
+        "canary_proxy_mirror_requests_total",
+        &[("version", "canary"), ("code", "200")],
+    )
+    .unwrap_or(0.0);
     assert!(copies >= 100.0, "switched after {copies} copies");
     // After the switch, green serves everyone.
-    assert!(versions_of(&c, proxy.addr, 50).await.iter().all(|v| v == "v2"));
+    assert!(versions_of(&c, proxy.addr, 50)
+        .await
+        .iter()
+        .all(|v| v == "v2"));
     proxy.shutdown().await;
 }

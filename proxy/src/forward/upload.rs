@@ -161,7 +161,11 @@ pub(crate) struct UploadState(Option<Arc<AtomicU8>>);
 
 /// Wrap the client's body. A request without one needs no note, no timer
 /// and no allocation beyond the wrapper: its body is over before it starts.
-pub(crate) fn watch(body: Incoming, pace: Pace, tee: Option<Box<Tee>>) -> (ClientBody, UploadState) {
+pub(crate) fn watch(
+    body: Incoming,
+    pace: Pace,
+    tee: Option<Box<Tee>>,
+) -> (ClientBody, UploadState) {
     let empty = body.is_end_stream();
     let paced = Paced::new(body, pace, tee);
     if empty {
