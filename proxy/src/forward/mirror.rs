@@ -64,7 +64,7 @@ pub(super) struct Request<'a> {
 /// Where a chosen copy's body comes from.
 pub(crate) enum Chosen {
     /// A bodiless request: send it now.
-    Now(Copy),
+    Now(Box<Copy>),
     /// Wait for the body: the tee goes on the client's body.
     Tee(Box<Tee>),
 }
@@ -114,7 +114,7 @@ pub(super) fn choose(
         _slot: slot,
     };
     Some(if req.body_empty {
-        Chosen::Now(copy)
+        Chosen::Now(Box::new(copy))
     } else {
         let capacity = req.body_len.unwrap_or(0).min(m.max_body) as usize;
         Chosen::Tee(Box::new(Tee {

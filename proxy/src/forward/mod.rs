@@ -429,7 +429,7 @@ impl Forwarder {
         let tee = match copy {
             None => None,
             Some(mirror::Chosen::Now(copy)) => {
-                copy.send(Bytes::new());
+                (*copy).send(Bytes::new());
                 None
             }
             Some(mirror::Chosen::Tee(tee)) => Some(tee),
