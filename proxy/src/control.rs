@@ -608,6 +608,7 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use crate::guard::Outcome;
+    use crate::progress::State;
     use crate::routes;
 
     const START: Duration = Duration::from_secs(1_800_000_000);
@@ -683,6 +684,75 @@ mod tests {
             assert!(self.canary_answers(100, true).is_some(), "100 errors trip");
             assert!(self.rolled_back());
         }
+    }
+
+    fn progress_table(canary_weight: u64, progress: &str) -> RouteTable {
+        let text = format!(
+            "[versions.stable]\nupstream = \"http://127.0.0.1:1\"\nweight = 90\n\n\
+             [versions.canary]\nupstream = \"http://127.0.0.1:2\"\nweight = {canary_weight}\n\n\
+             [rollback]\n{POLICY}\n[progress]\nversion = \"canary\"\nstep_time = \"10s\"\nmin_requests = 3\n{progress}"
+        );
+        routes::parse(text.as_bytes()).expect("test routes are valid")
+    }
+
+    /// The canary's share of the split now, in percent.
+    fn canary_percent(f: &Fixture) -> u64 {
+        let snap = f.snapshot();
+        100 * snap.effective[1] / snap.split.total()
+    }
+
+    #[test]
+    fn progress_steps_on_the_clock_and_evidence_and_restarts_on_an_edit() {
+        let f = Fixture::new(progress_table(0, "steps = [10, 50, 100]\n"));
+        // The first step is published with the table, before any tick.
+        assert_eq!(canary_percent(&f), 10);
+        f.canary_answers(3, false);
+        f.clock.advance(Duration::from_secs(10));
+        f.control.tick();
+        assert_eq!(canary_percent(&f), 50);
+        assert_eq!(f.control.progress(|p| p.run.step()), Some(2));
+
+        // Pausing keeps the run; other keys of the table restart it.
+        f.control
+            .apply(progress_table(0, "steps = [10, 50, 100]\npaused = true\n"));
+        assert_eq!(canary_percent(&f), 50);
+        f.control
+            .apply(progress_table(0, "steps = [10, 50, 100]\n"));
+        assert_eq!(f.control.progress(|p| p.run.step()), Some(2));
+        f.control
+            .apply(progress_table(0, "steps = [10, 60, 100]\n"));
+        assert_eq!(
+            (canary_percent(&f), f.control.progress(|p| p.run.step())),
+            (10, Some(1))
+        );
+
+        // So does a change of the version's entry, and answers from before
+        // the run do not count for its first step.
+        f.canary_answers(3, false);
+        f.control
+            .apply(progress_table(1, "steps = [10, 60, 100]\n"));
+        f.clock.advance(Duration::from_secs(10));
+        f.control.tick();
+        assert_eq!(
+            f.control.progress(|p| p.run.state()),
+            Some(State::WaitingForEvidence)
+        );
+        f.canary_answers(3, false);
+        f.control.tick();
+        assert_eq!(canary_percent(&f), 60);
+
+        // A rollback stops it, at 0% for the version, for good.
+        f.trip();
+        f.clock.advance(Duration::from_secs(60));
+        f.control.tick();
+        assert_eq!(
+            f.control.progress(|p| p.run.state()),
+            Some(State::RolledBack)
+        );
+        assert_eq!(f.snapshot().effective[1], 0);
+        // Removing the table ends the run: the file's weights again.
+        f.control.apply(table(1, Some(POLICY)));
+        assert!(f.control.progress(|_| ()).is_none());
     }
 
     #[test]
