@@ -872,3 +872,39 @@ async fn grpc_over_tls_with_alpn_h2_reaches_an_h2c_upstream() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sticky_cookie_is_secure_on_https_only() {
+    let stable = backend("v1", 0.0, Duration::ZERO).await;
+    let canary = backend("v2", 0.0, Duration::ZERO).await;
+    let pki = Pki::new();
+    let leaf = pki.issue(1);
+    let proxy = TlsProxy::start(
+        &(routes(
+            &[("stable", stable.addr(), 50), ("canary", canary.addr(), 50)],
+            None,
+        ) + "\n[sticky]\ncookie = \"canary-key\"\nset_cookie = true\n"),
+        &leaf,
+        |_| {},
+    )
+    .await;
+    let http1: &[&[u8]] = &[b"http/1.1"];
+    for offered in [BOTH, http1] {
+        let mut conn = connect(proxy.https, client_config(&pki.ca_der(), offered))
+            .await
+            .unwrap();
+        let (a, _) = conn.ping().await.unwrap();
+        let cookie = a.headers["set-cookie"].to_str().unwrap();
+        assert!(
+            cookie.split(';').any(|attr| attr.trim() == "Secure"),
+            "no Secure over HTTPS: {cookie}"
+        );
+    }
+    let plain = get(&client(), proxy.plain, "/ping").await.unwrap();
+    let cookie = plain.headers["set-cookie"].to_str().unwrap();
+    assert!(
+        !cookie.contains("Secure"),
+        "Secure over plain HTTP: {cookie}"
+    );
+    proxy.shutdown().await;
+}
