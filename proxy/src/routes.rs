@@ -622,43 +622,14 @@ fn validate_rollback(
 ) -> Option<RollbackPolicy> {
     let span = raw.span();
     let raw = raw.into_inner();
-    let names = || {
-        declared
-            .iter()
-            .map(|name| format!("`{name}`"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let target = match &raw.target {
-        None => {
-            problems.add("rollback.target", Some(span.clone()), format!("missing; name the version that takes the traffic of a rolled-back one, one of {}", names()));
-            None
-        }
-        Some(v) => match v.get_ref().as_str() {
-            Some(name) => match versions.iter().position(|x| x.name == name) {
-                Some(i) => Some(i),
-                // Its own entry is broken, and already reported.
-                None if declared.iter().any(|d| d == name) => None,
-                None => {
-                    let hint = suggest(name, declared.iter().map(String::as_str));
-                    problems.add(
-                        "rollback.target",
-                        Some(v.span()),
-                        format!("`{name}` is not a version{hint}; use one of {}", names()),
-                    );
-                    None
-                }
-            },
-            None => {
-                problems.add(
-                    "rollback.target",
-                    Some(v.span()),
-                    format!("must be a string naming a version, one of {}", names()),
-                );
-                None
-            }
-        },
-    };
+    let target = version_named(
+        "rollback.target",
+        raw.target.as_ref(),
+        span.clone(),
+        "the version that takes the traffic of a rolled-back one",
+        (versions, declared),
+        problems,
+    );
     let error_rate = match &raw.error_rate {
         None => DEFAULT_ERROR_RATE,
         Some(v) => match number(v.get_ref()) {
@@ -807,6 +778,72 @@ fn validate_rollback(
         compare_target,
         latency,
     })
+}
+
+/// The index of the version a key names (`rollback.target`,
+/// `mirror.version`, `progress.version`), or a problem: missing (at the
+/// table), not a string, or not a version ("did you mean", and the
+/// choices). A version whose own entry is broken is already reported, so
+/// naming it adds nothing.
+fn version_named(
+    key: &str,
+    value: Option<&Spanned<toml::Value>>,
+    table: Range<usize>,
+    role: &str,
+    (versions, declared): (&[VersionSpec], &[String]),
+    problems: &mut Problems<'_>,
+) -> Option<usize> {
+    let names = || {
+        declared
+            .iter()
+            .map(|name| format!("`{name}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let Some(v) = value else {
+        problems.add(
+            key,
+            Some(table),
+            format!("missing; name {role}, one of {}", names()),
+        );
+        return None;
+    };
+    let Some(name) = v.get_ref().as_str() else {
+        problems.add(
+            key,
+            Some(v.span()),
+            format!("must be a string naming a version, one of {}", names()),
+        );
+        return None;
+    };
+    if let Some(i) = versions.iter().position(|x| x.name == name) {
+        return Some(i);
+    }
+    if !declared.iter().any(|d| d == name) {
+        let hint = suggest(name, declared.iter().map(String::as_str));
+        problems.add(
+            key,
+            Some(v.span()),
+            format!("`{name}` is not a version{hint}; use one of {}", names()),
+        );
+    }
+    None
+}
+
+/// A boolean key, `false` when absent; a problem if it is not a boolean.
+fn bool_key(v: Option<&Spanned<toml::Value>>, key: &str, problems: &mut Problems<'_>) -> bool {
+    match v.map(|v| (v, v.get_ref())) {
+        None => false,
+        Some((_, toml::Value::Boolean(b))) => *b,
+        Some((v, other)) => {
+            problems.add(
+                key,
+                Some(v.span()),
+                format!("{} is not a boolean; use true or false", show(other)),
+            );
+            false
+        }
+    }
 }
 
 fn number(v: &toml::Value) -> Option<f64> {

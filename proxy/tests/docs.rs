@@ -761,8 +761,10 @@ async fn every_metric_in_the_docs_is_exported_and_every_exported_one_is_document
 
     // One request the override header routes (to stable: the others are
     // rolled back); the copies to `dead` have failed on the way.
-    let answer = get_with_header(&http, addr, "x-canary-version", "canary").await;
-    assert!(answer.starts_with("200"), "{answer}");
+    let answer = get_with(&http, addr, "/ping", &[("x-canary-version", "canary")])
+        .await
+        .expect("an answer");
+    assert_eq!(answer.status, 200, "{answer:?}");
 
     // Every request now goes to stable: one gRPC call.
     let answer = unary(&channel(addr).await, "docs")
@@ -800,20 +802,6 @@ async fn every_metric_in_the_docs_is_exported_and_every_exported_one_is_document
         "metric names in the docs against a live /metrics",
         &metric_problems(&docs(), &exported),
     );
-}
-
-async fn get_with_header(
-    c: &TestClient,
-    addr: std::net::SocketAddr,
-    name: &str,
-    value: &str,
-) -> String {
-    let req = http::Request::get(format!("http://{addr}/ping"))
-        .header(name, value)
-        .body(http_body_util::Empty::new())
-        .unwrap();
-    let resp = c.request(req).await.expect("an answer");
-    resp.status().as_str().to_owned()
 }
 
 // ---------------------------------------------------------------------------

@@ -27,18 +27,7 @@ async fn get_with(
     addr: SocketAddr,
     headers: &[(&str, &str)],
 ) -> Result<Answer, BoxError> {
-    let mut req = Request::get(format!("http://{addr}/ping"));
-    for (k, v) in headers {
-        req = req.header(*k, *v);
-    }
-    let resp = c.request(req.body(Empty::new())?).await?;
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await?.to_bytes();
-    Ok(Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    })
+    common::get_with(c, addr, "/ping", headers).await
 }
 
 /// The version each of `keys` reaches, sending its key in `x-user-id`.

@@ -9,7 +9,7 @@ use http::{HeaderName, Method};
 use ipnet::IpNet;
 use toml::Spanned;
 
-use super::{number, show, suggest, Problems, VersionSpec};
+use super::{bool_key, number, show, version_named, Problems, VersionSpec};
 
 /// Max-Age of the cookie `set_cookie` gives, by default: a week covers a
 /// canary's life; the key only has to outlive the release.
@@ -125,7 +125,7 @@ pub(super) fn validate_sticky(
             ),
         }
     }
-    let set_cookie = bool_key(&raw.set_cookie, "sticky.set_cookie", problems);
+    let set_cookie = bool_key(raw.set_cookie.as_ref(), "sticky.set_cookie", problems);
     let max_age = match &raw.max_age {
         None => DEFAULT_COOKIE_MAX_AGE,
         Some(v) => match duration(v, Duration::from_secs(1), MAX_COOKIE_MAX_AGE) {
@@ -194,7 +194,11 @@ pub(super) fn validate_override(
             }
         },
     };
-    let forward_header = bool_key(&raw.forward_header, "override.forward_header", problems);
+    let forward_header = bool_key(
+        raw.forward_header.as_ref(),
+        "override.forward_header",
+        problems,
+    );
     let mut allow_from = Vec::new();
     if let Some(v) = &raw.allow_from {
         let fix = "use a list of networks in CIDR form, like allow_from = [\"10.0.0.0/8\", \"192.168.1.7/32\"]";
@@ -230,45 +234,14 @@ pub(super) fn validate_mirror(
 ) -> Option<Mirror> {
     let span = raw.span();
     let raw = raw.into_inner();
-    let names = declared
-        .iter()
-        .map(|name| format!("`{name}`"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let version = match &raw.version {
-        None => {
-            problems.add(
-                "mirror.version",
-                Some(span.clone()),
-                format!("missing; name the version that gets the copies, one of {names}"),
-            );
-            None
-        }
-        Some(v) => match v.get_ref().as_str() {
-            Some(name) => match versions.iter().position(|x| x.name == name) {
-                Some(i) => Some(i),
-                // Its own entry is broken, and already reported.
-                None if declared.iter().any(|d| d == name) => None,
-                None => {
-                    let hint = suggest(name, declared.iter().map(String::as_str));
-                    problems.add(
-                        "mirror.version",
-                        Some(v.span()),
-                        format!("`{name}` is not a version{hint}; use one of {names}"),
-                    );
-                    None
-                }
-            },
-            None => {
-                problems.add(
-                    "mirror.version",
-                    Some(v.span()),
-                    format!("must be a string naming a version, one of {names}"),
-                );
-                None
-            }
-        },
-    };
+    let version = version_named(
+        "mirror.version",
+        raw.version.as_ref(),
+        span.clone(),
+        "the version that gets the copies",
+        (versions, declared),
+        problems,
+    );
     let share = match &raw.share {
         None => {
             problems.add("mirror.share", Some(span), "missing; set the share of the other versions' requests to copy, from 0 to 1, like share = 0.05 for 5%");
@@ -385,23 +358,6 @@ fn is_method(s: &str) -> bool {
 
 fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
-fn bool_key(v: &Option<Spanned<toml::Value>>, key: &str, problems: &mut Problems<'_>) -> bool {
-    match v {
-        None => false,
-        Some(v) => match v.get_ref() {
-            toml::Value::Boolean(b) => *b,
-            other => {
-                problems.add(
-                    key,
-                    Some(v.span()),
-                    format!("{} is not a boolean; use true or false", show(other)),
-                );
-                false
-            }
-        },
-    }
 }
 
 fn int_key(

@@ -5,7 +5,7 @@ use std::time::{Duration, SystemTime};
 
 use toml::Spanned;
 
-use super::{show, suggest, Problems, RollbackPolicy, VersionSpec};
+use super::{bool_key, show, version_named, Problems, RollbackPolicy, VersionSpec};
 
 const MAX_STEPS: usize = 100;
 const STEP_TIME_RANGE: (Duration, Duration) =
@@ -59,50 +59,24 @@ pub(super) fn validate_progress(
 ) -> Option<ProgressSpec> {
     let span = raw.span();
     let raw = raw.into_inner();
-    let names = declared
-        .iter()
-        .map(|name| format!("`{name}`"))
-        .collect::<Vec<_>>()
-        .join(", ");
     if rollback.is_none() {
         problems.add("progress", Some(span.clone()), "needs a [rollback] table: a step advances only on the judgment's evidence, which [rollback] defines; add [rollback] with target = \"stable\"");
     }
-    let version = match &raw.version {
-        None => {
-            problems.add(
-                "progress.version",
-                Some(span.clone()),
-                format!("missing; name the version whose weight steps up, one of {names}"),
-            );
+    let version = version_named(
+        "progress.version",
+        raw.version.as_ref(),
+        span.clone(),
+        "the version whose weight steps up",
+        (versions, declared),
+        problems,
+    );
+    let version = match (version, rollback) {
+        (Some(i), Some(r)) if r.target == i => {
+            let v = raw.version.as_ref().expect("a version was named");
+            problems.add("progress.version", Some(v.span()), format!("`{}` is the rollback target, which is never judged, so no step could ever pass; name the new version", versions[i].name));
             None
         }
-        Some(v) => match v.get_ref().as_str() {
-            Some(name) => match versions.iter().position(|x| x.name == name) {
-                Some(i) if rollback.is_some_and(|r| r.target == i) => {
-                    problems.add("progress.version", Some(v.span()), format!("`{name}` is the rollback target, which is never judged, so no step could ever pass; name the new version"));
-                    None
-                }
-                Some(i) => Some(i),
-                None if declared.iter().any(|d| d == name) => None,
-                None => {
-                    let hint = suggest(name, declared.iter().map(String::as_str));
-                    problems.add(
-                        "progress.version",
-                        Some(v.span()),
-                        format!("`{name}` is not a version{hint}; use one of {names}"),
-                    );
-                    None
-                }
-            },
-            None => {
-                problems.add(
-                    "progress.version",
-                    Some(v.span()),
-                    format!("must be a string naming a version, one of {names}"),
-                );
-                None
-            }
-        },
+        (version, _) => version,
     };
     let fix = "use a list of percentages of traffic, strictly increasing, from 0 to 100, like steps = [1, 5, 10, 25, 50, 100]";
     let steps = match &raw.steps {
@@ -183,20 +157,7 @@ pub(super) fn validate_progress(
             }
         }
     });
-    let paused = match &raw.paused {
-        None => false,
-        Some(v) => match v.get_ref() {
-            toml::Value::Boolean(b) => *b,
-            other => {
-                problems.add(
-                    "progress.paused",
-                    Some(v.span()),
-                    format!("{} is not a boolean; use true or false", show(other)),
-                );
-                false
-            }
-        },
-    };
+    let paused = bool_key(raw.paused.as_ref(), "progress.paused", problems);
     let (version, steps) = (version?, steps?);
     // Below 100%, the rest of the traffic goes to the other versions by
     // their weights, so one of them needs a weight.

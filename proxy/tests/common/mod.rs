@@ -57,8 +57,21 @@ impl Answer {
 }
 
 pub async fn get(client: &TestClient, addr: SocketAddr, path: &str) -> Result<Answer, BoxError> {
-    let req = Request::get(format!("http://{addr}{path}")).body(Empty::new())?;
-    let resp = client.request(req).await?;
+    get_with(client, addr, path, &[]).await
+}
+
+/// A GET with extra request headers.
+pub async fn get_with(
+    client: &TestClient,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<Answer, BoxError> {
+    let mut req = Request::get(format!("http://{addr}{path}"));
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let resp = client.request(req.body(Empty::new())?).await?;
     let (parts, body) = resp.into_parts();
     let body = body.collect().await?.to_bytes();
     Ok(Answer {
