@@ -312,11 +312,14 @@ async fn a_gated_blue_green_switches_only_after_the_copies_are_judged() {
         let c = c.clone();
         let (proxy, counter) = (&proxy, &green_before_switch);
         async move {
+            let v = versions_of(&c, proxy.addr, 20).await;
             let s = proxy.status().await;
             if step_of(&s).1 == "complete" {
+                // The switch may have come during this batch: its answers
+                // say nothing about before it.
                 return Some(s);
             }
-            let v = versions_of(&c, proxy.addr, 20).await;
+            // Still not switched after the batch: all of it came before.
             let green = v.iter().filter(|v| *v == "v2").count();
             counter.fetch_add(green, std::sync::atomic::Ordering::Relaxed);
             None
