@@ -910,7 +910,14 @@ async fn a_failing_mirror_is_rolled_back_on_shadow_traffic_and_gets_no_more_copi
     .await;
     let answers = versions_of(&c, proxy.addr, 200).await;
     assert!(answers.iter().all(|v| v == "v1"));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // A copy takes its slot before its request's answer goes out, and holds
+    // it until the mirror has answered: once none is in flight, every copy
+    // of those 200 requests, if any, has reached the recorder.
+    eventually(Duration::from_secs(10), "no copy in flight", || async {
+        let m = proxy.metrics().await;
+        (metric(&m, "canary_proxy_mirror_in_flight", &[]) == 0.0).then_some(())
+    })
+    .await;
     assert_eq!(
         canary.count(),
         settled,
