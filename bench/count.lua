@@ -1,7 +1,7 @@
 -- wrk script used for every system under test, so all are measured the same way.
 -- Counts answers per upstream version (the x-ping-version response header set by
--- the upstream), which checks the 90/10 split from the outside for canary-proxy,
--- HAProxy and NGINX alike, and prints one machine-readable line at the end.
+-- the upstream), which checks the 90/10 split from the outside for every system
+-- alike, and prints one machine-readable line at the end.
 -- The response() callback costs wrk a few % of its own CPU (core 1), not the
 -- proxy's (core 0); it is on for every system, the direct ceiling included.
 local threads = {}
@@ -25,7 +25,9 @@ if os.getenv("BENCH_USER_KEYS") then
 end
 
 function response(status, headers, body)
-  local key = headers["x-ping-version"]
+  -- wrk keeps header names as received: the Go peers (Traefik, Caddy)
+  -- send the canonical X-Ping-Version, the others the upstream's lowercase.
+  local key = headers["x-ping-version"] or headers["X-Ping-Version"]
   if status < 200 or status > 299 then
     key = "status_" .. status
   elseif key == nil then
