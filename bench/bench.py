@@ -819,8 +819,11 @@ protocol = "h2c"
                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for s in systems:
             a = agg[s.key]
-            spread = f"{a['min']:.0f}–{a['max']:.0f} ({100 * (a['max'] - a['min']) / a['rps']:.0f}%)"
-            ratio = f"{a['rps'] / hap['rps']:.2f}" if hap else "–"
+            # A system that answered nothing (already a failure) must not
+            # stop the report from being written.
+            spread = (f"{a['min']:.0f}–{a['max']:.0f} ({100 * (a['max'] - a['min']) / a['rps']:.0f}%)"
+                      if a["rps"] else "–")
+            ratio = f"{a['rps'] / hap['rps']:.2f}" if hap and hap["rps"] else "–"
             p99r = f"{a['p99'] / hap['p99']:.2f}" if hap and hap["p99"] else "–"
             split_cell = a["split_text"] + ("" if a["split_ok"] else " **OFF**")
             lines.append(f"| {s.label} | {a['rps']:.0f} | {spread} | {ratio} | {fmt_ms(a['p50'])} | "
