@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""canary-proxy against HAProxy and NGINX: same split, same upstreams, same
-load, same machine, one run. Called by `bench/run` (which installs the tools
-and builds the binaries); see docs/performance.md for the method.
+"""canary-proxy against HAProxy, NGINX, Traefik and Caddy: same split, same
+upstreams, same load, same machine, one run. Rows: the headline (one thread),
+two threads, TLS, HTTP/2, idle connections. Called by `bench/run` (which installs the tools and builds the
+binaries); the peers' configs are in bench/peers/; see docs/performance.md
+for the method.
 
 Only loopback traffic; every load is bounded in time; every process started
 here is stopped on exit (also on Ctrl-C, SIGTERM and errors).
@@ -17,6 +19,7 @@ import shutil
 import signal
 import socket
 import statistics
+import string
 import subprocess
 import sys
 import tempfile
@@ -27,6 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 LUA = os.path.join(HERE, "count.lua")
 IDLE = os.path.join(HERE, "idle_conns.py")
+# Config templates of the peers (Traefik, Caddy).
+PEERS = os.path.join(HERE, "peers")
 
 # The pinning every system gets: upstreams and the system under test on core
 # 0, the load generator alone on core 1 (the issue's reference setup).
@@ -255,11 +260,19 @@ def proc_kb(pid, field):
 class System:
     """One system under test: how to start it and which PIDs serve traffic."""
 
+    # The upstream pair this system proxies to (an Upstreams); None: the
+    # bench's ping-backend pair. Set by Bench.http1_systems.
+    upstreams = None
+
     def __init__(self, key, label):
         self.key = key
         self.label = label
         self.proc = None
         self.url = None
+
+    def upstream_addrs(self):
+        """{"v1": host:port, "v2": host:port} of this system's upstreams."""
+        return (self.upstreams or self.bench.ping).addr
 
     def serving_pids(self):
         """PIDs whose memory is the system's (workers, not a master)."""
@@ -373,8 +386,8 @@ frontend fe
     default_backend be
 backend be
     balance roundrobin
-    server stable {b.upstream_addr['v1']} weight {int(STABLE_SHARE * 100)} maxconn 30000{proto}
-    server canary {b.upstream_addr['v2']} weight {int(round((1 - STABLE_SHARE) * 100))} maxconn 30000{proto}
+    server stable {self.upstream_addrs()['v1']} weight {int(STABLE_SHARE * 100)} maxconn 30000{proto}
+    server canary {self.upstream_addrs()['v2']} weight {int(round((1 - STABLE_SHARE) * 100))} maxconn 30000{proto}
 """)
         self.proc = procs.start(name, ["haproxy", "-db", "-f", cfg], self.cpus)
         scheme = "https" if self.tls_pem else "http"
@@ -494,8 +507,8 @@ http {{
     uwsgi_temp_path {prefix}/uwsgi;
     scgi_temp_path {prefix}/scgi;
     upstream versions {{
-        server {b.upstream_addr['v1']} weight={int(STABLE_SHARE * 100)};
-        server {b.upstream_addr['v2']} weight={int(round((1 - STABLE_SHARE) * 100))};
+        server {self.upstream_addrs()['v1']} weight={int(STABLE_SHARE * 100)};
+        server {self.upstream_addrs()['v2']} weight={int(round((1 - STABLE_SHARE) * 100))};
         keepalive {keepalive};
         keepalive_requests 1000000;
     }}
@@ -517,7 +530,7 @@ http {{
     def split_counts(self):
         """Answers per upstream so far, from the access log (read on from
         where the last call stopped; NGINX flushes its buffer within 1s)."""
-        version_of = {addr: v for v, addr in self.bench.upstream_addr.items()}
+        version_of = {addr: v for v, addr in self.upstream_addrs().items()}
         with open(self.access_log, "rb") as f:
             f.seek(self.log_offset)
             data = f.read()
@@ -537,22 +550,183 @@ http {{
 class Direct(System):
     """The ceiling: wrk straight to the stable upstream, no proxy."""
 
-    def __init__(self, bench, h2=False):
+    def __init__(self, bench, h2=False, upstreams=None):
         super().__init__("direct", "direct (ceiling)")
-        self.bench, self.h2 = bench, h2
+        self.bench, self.h2, self.upstreams = bench, h2, upstreams
 
     def start(self, procs):
-        self.url = f"http://{self.bench.upstream_addr['v1']}/ping"
+        self.url = f"http://{self.upstream_addrs()['v1']}/ping"
         if self.h2:
             wait_pong_h2c(self.url, procs, None)
 
     def serving_pids(self):
         # CPU per request here is the stable upstream's own cost (its RSS
         # is not reported: it is no proxy).
-        return [self.bench.upstream_pids["v1"]]
+        return list((self.upstreams or self.bench.ping).pids["v1"])
 
     def rss_kb(self, field="VmHWM"):
         return None
+
+
+# --------------------------------------------------------------------------
+# the peers users pick for canaries (Traefik, Caddy)
+
+
+def render(template, dest, **values):
+    """Fill in a template of bench/peers/ (`$name` placeholders; a missing
+    value is an error, not an empty string) and write it to `dest`."""
+    with open(os.path.join(PEERS, template)) as f:
+        text = string.Template(f.read()).substitute({k: str(v) for k, v in values.items()})
+    with open(dest, "w") as f:
+        f.write(text)
+    return dest
+
+
+def tool_bin(name):
+    """A binary of the bench's venv (bench/requirements.txt: Traefik, Caddy),
+    which bench/run exports as BENCH_VENV; else the venv running this script."""
+    for venv in (os.environ.get("BENCH_VENV"), sys.prefix):
+        if venv and os.access(os.path.join(venv, "bin", name), os.X_OK):
+            return os.path.join(venv, "bin", name)
+    found = shutil.which(name)
+    if not found:
+        raise RuntimeError(f"{name} not found: bench/run installs it (bench/requirements.txt) into the venv it "
+                           f"exports as BENCH_VENV")
+    return found
+
+
+def wait_pong(url, procs, p, deadline_s=30.0):
+    """Poll until `url` answers 200 `pong` with an x-ping-version header:
+    the system is up and routed to an upstream (Traefik, for one, answers 404
+    until its file provider has loaded the routers). https is our own
+    self-signed certificate, on loopback only."""
+    import ssl
+    ctx = ssl._create_unverified_context() if url.startswith("https:") else None
+
+    def check():
+        with urllib.request.urlopen(url, timeout=1.0, context=ctx) as r:
+            body = r.read()
+            version = r.headers.get("x-ping-version")
+            if r.status == 200 and body == b"pong" and version:
+                return None
+            return f"status {r.status}, x-ping-version {version}, body {body[:40]!r}"
+    poll_until(check, f"does not answer pong with an x-ping-version at {url}", procs, p, deadline_s)
+
+
+class Upstreams:
+    """One pair of upstreams, stable (v1) and canary (v2): their addresses,
+    the PIDs that serve them (for the direct row's CPU) and the canary-proxy
+    routes file that points at them."""
+
+    def __init__(self, kind, addr, pids, routes_file):
+        self.kind, self.addr, self.pids, self.routes_file = kind, addr, pids, routes_file
+
+
+class GoPeer(System):
+    """A peer written in Go (Traefik, Caddy): one process, its threads
+    limited like the others' with GOMAXPROCS (the Go scheduler's threads
+    running Go code) plus the same taskset pinning."""
+
+    binary_name = None  # in the venv, and the process's comm
+
+    def __init__(self, bench, key, label, threads, cpus, tls=None):
+        super().__init__(key, label)
+        self.bench, self.threads, self.cpus, self.tls = bench, threads, cpus, tls
+
+    def start(self, procs):
+        name = f"{self.key}-t{self.threads}{'-tls' if self.tls else ''}"
+        self.dir = os.path.join(self.bench.workdir, name)
+        os.makedirs(self.dir, exist_ok=True)
+        self.port, self.tls_port = free_port(), free_port()
+        argv = self.configure()
+        # GOMAXPROCS as the thread count; HOME and XDG_* in the work
+        # directory, so nothing is written outside it (Caddy keeps its
+        # config and data directories there).
+        env = {"GOMAXPROCS": str(self.threads), "HOME": self.dir,
+               "XDG_CONFIG_HOME": os.path.join(self.dir, "config"), "XDG_DATA_HOME": os.path.join(self.dir, "data")}
+        self.proc = procs.start(name, argv, self.cpus, env=env)
+        self.url = (f"https://127.0.0.1:{self.tls_port}/ping" if self.tls else f"http://127.0.0.1:{self.port}/ping")
+        wait_pong(self.url, procs, self.proc)
+        if self.tls:
+            wait_pong(f"http://127.0.0.1:{self.port}/ping", procs, self.proc)
+        # taskset execs the binary, so the PID started is the one serving
+        # (and the one whose CPU is read): check it, in case a wrapper ever
+        # stands in between.
+        with open(f"/proc/{self.proc.pid}/comm") as f:
+            comm = f.read().strip()
+        if comm != self.binary_name:
+            raise RuntimeError(f"{self.label}: PID {self.proc.pid} is {comm!r}, not {self.binary_name!r}: the "
+                               f"CPU and memory read would not be the proxy's")
+
+
+class Traefik(GoPeer):
+    """Traefik with the file provider: a `weighted` service of two services,
+    one per version, and its Prometheus metrics with per-service labels (the
+    functional peer of canary-proxy's per-version counters)."""
+
+    binary_name = "traefik"
+
+    def __init__(self, bench, threads, cpus, tls=None):
+        super().__init__(bench, "traefik", "Traefik", threads, cpus, tls)
+
+    def configure(self):
+        ups = self.upstream_addrs()
+        dynamic = os.path.join(self.dir, "dynamic")
+        os.makedirs(dynamic, exist_ok=True)
+        self.metrics_port = free_port()
+        static = render("traefik.yml", os.path.join(self.dir, "traefik.yml"), port=self.port,
+                        tls_port=self.tls_port, metrics_port=self.metrics_port, dynamic_dir=dynamic)
+        render("traefik-dynamic.yml", os.path.join(dynamic, "split.yml"), stable_addr=ups["v1"],
+               canary_addr=ups["v2"], stable_weight=int(STABLE_SHARE * 100),
+               canary_weight=int(round((1 - STABLE_SHARE) * 100)))
+        if self.tls:
+            render("traefik-dynamic-tls.yml", os.path.join(dynamic, "tls.yml"), cert=self.tls[0], key=self.tls[1])
+        return [tool_bin("traefik"), f"--configFile={static}"]
+
+    def own_counts(self):
+        """traefik_service_requests_total per service (stable, canary)."""
+        _, _, body = http_get(f"http://127.0.0.1:{self.metrics_port}/metrics", 5)
+        counts = {}
+        for line in body.decode().splitlines():
+            m = re.match(r'traefik_service_requests_total\{.*service="([^"@]+)@file".*\} (\S+)', line)
+            if m:
+                counts[m.group(1)] = counts.get(m.group(1), 0) + int(float(m.group(2)))
+        return counts
+
+
+class Caddy(GoPeer):
+    """Caddy: `reverse_proxy` over both upstreams with `lb_policy
+    weighted_round_robin 90 10`, no admin API, no automatic HTTPS."""
+
+    binary_name = "caddy"
+
+    def __init__(self, bench, threads, cpus, tls=None):
+        super().__init__(bench, "caddy", "Caddy", threads, cpus, tls)
+
+    def configure(self):
+        ups = self.upstream_addrs()
+        cfg = render("Caddyfile", os.path.join(self.dir, "Caddyfile"), port=self.port, stable_addr=ups["v1"],
+                     canary_addr=ups["v2"], stable_weight=int(STABLE_SHARE * 100),
+                     canary_weight=int(round((1 - STABLE_SHARE) * 100)))
+        if self.tls:
+            # The TLS site beside the plain one (Caddyfile site blocks are
+            # independent, so appending is enough).
+            part = render("Caddyfile.tls", os.path.join(self.dir, "Caddyfile.tls"), tls_port=self.tls_port,
+                          cert=self.tls[0], key=self.tls[1])
+            with open(part) as f, open(cfg, "a") as out:
+                out.write("\n" + f.read())
+        return [tool_bin("caddy"), "run", "--config", cfg, "--adapter", "caddyfile"]
+
+
+def tool_version(name):
+    """Traefik's and Caddy's version, for the report."""
+    try:
+        out = subprocess.run([tool_bin(name), "version"], capture_output=True, text=True, timeout=10).stdout
+        # Traefik: "Version:      3.7.15" among other lines; Caddy: "v2.11.7 h1:..."
+        m = re.search(r"Version:\s+(\S+)", out) if name == "traefik" else re.match(r"\s*(\S+)", out)
+        return f"{name.capitalize()} {m.group(1) if m else '?'}"
+    except (RuntimeError, OSError, subprocess.SubprocessError):
+        return f"{name} ?"
 
 
 # --------------------------------------------------------------------------
@@ -725,6 +899,8 @@ weight = {int(STABLE_SHARE * 100)}
 upstream = "http://{self.upstream_addr['v2']}"
 weight = {int(round((1 - STABLE_SHARE) * 100))}
 """)
+        self.ping = Upstreams("ping-backend", self.upstream_addr,
+                              {v: [pid] for v, pid in self.upstream_pids.items()}, self.routes_file)
         # The same versions over h2c, for the HTTP/2 row (a directory of its
         # own for the same reason).
         os.makedirs(os.path.join(self.workdir, "routes-h2c"), exist_ok=True)
@@ -740,6 +916,22 @@ upstream = "http://{self.upstream_addr['v2']}"
 weight = {int(round((1 - STABLE_SHARE) * 100))}
 protocol = "h2c"
 """)
+
+    def http1_systems(self, threads, upstreams=None, direct=False):
+        """Every system of the HTTP/1.1 rows, in report order: canary-proxy
+        first (its own counters are read from it), HAProxy, NGINX, Traefik,
+        Caddy, and with `direct` the ceiling last. The one place that says
+        which systems a row compares, so every row has the same peers.
+        `upstreams`: an Upstreams (default: the ping-backend pair)."""
+        ups = upstreams or self.ping
+        cpus = SUT_CPUS_1 if threads == 1 else SUT_CPUS_2
+        systems = [CanaryProxy(self, threads, cpus, routes=ups.routes_file), HAProxy(self, threads, cpus),
+                   Nginx(self, threads, cpus), Traefik(self, threads, cpus), Caddy(self, threads, cpus)]
+        if direct:
+            systems.append(Direct(self))
+        for s in systems:
+            s.upstreams = ups
+        return systems
 
     def proxy_has(self, flag):
         out = subprocess.run([self.proxy_bin, "run", "--help"], capture_output=True, text=True)
@@ -838,25 +1030,26 @@ protocol = "h2c"
 
     def throughput_phase(self, threads, include_direct, rounds):
         cpus = SUT_CPUS_1 if threads == 1 else SUT_CPUS_2
-        systems = [CanaryProxy(self, threads, cpus), HAProxy(self, threads, cpus), Nginx(self, threads, cpus)]
-        if include_direct:
-            systems.append(Direct(self))
-        log(f"throughput, {threads} worker thread(s), proxies on CPU {cpus}: starting {', '.join(s.label for s in systems)}")
+        systems = self.http1_systems(threads, direct=include_direct)
+        log(f"throughput, {threads} worker thread(s), proxies on CPU {cpus}: starting "
+            f"{', '.join(s.label for s in systems)}")
         try:
             for s in systems:
                 s.start(self.procs)
             load_before = loadavg()
             res = self.rounds(systems, rounds, self.args.duration, self.args.warmup)
-            title = (f"Headline: one worker thread each (proxy and upstreams on core {cpus}, wrk on core {LOAD_CPUS})"
-                     if threads == 1 else
-                     f"Second figure: two worker threads each (proxy on cores {cpus}, upstreams on core "
-                     f"{UPSTREAM_CPUS}, wrk on core {LOAD_CPUS})")
-            note = (f"`wrk -t{WRK_THREADS} -c{CONNECTIONS} -d{self.args.duration}s`, {rounds} rounds alternating "
-                    f"(A B C D, then D C B A), {self.args.warmup}s warm-up each; load average before {load_before}, "
+            if threads == 1:
+                title = f"Headline: one worker thread each (proxy and upstreams on core {cpus}, wrk on core {LOAD_CPUS})"
+            else:
+                title = (f"Second figure: two worker threads each (proxy on cores {cpus}, upstreams on core "
+                         f"{UPSTREAM_CPUS}, wrk on core {LOAD_CPUS})")
+            note = (f"`wrk -t{WRK_THREADS} -c{CONNECTIONS} -d{self.args.duration}s`, {rounds} round(s) alternating "
+                    f"(A B C …, then … C B A), {self.args.warmup}s warm-up each; load average before {load_before}, "
                     f"after {loadavg()}. canary-proxy `--threads {threads}`, HAProxy `nbthread {threads}`, NGINX "
-                    f"`worker_processes {threads}`. Peak RSS is VmHWM of the serving process(es) at the end "
-                    f"(NGINX: its worker(s), not the master).")
+                    f"`worker_processes {threads}`, Traefik and Caddy `GOMAXPROCS={threads}`. Peak RSS is VmHWM of "
+                    f"the serving process(es) at the end (NGINX: its worker(s), not the master).")
             agg = self.summarise(title, systems, res, note)
+            self.sections.append(self.peer_ratios(agg))
             cp = systems[0]
             own = cp.own_counts()
             n = sum(own.values())
@@ -865,11 +1058,42 @@ protocol = "h2c"
                     f"canary-proxy's own counters (`canary_proxy_requests_total`, warm-up included): "
                     + ", ".join(f"{k} {v}" for k, v in sorted(own.items()))
                     + f" — canary share {100 * own.get('canary', 0) / n:.2f}%.\n")
+            self.traefik_counters(systems)
             return agg
         finally:
             for s in systems:
                 if s.proc:
                     self.procs.stop(s.proc)
+
+    def peer_ratios(self, agg):
+        """canary-proxy's CPU per request and req/s as a ratio to each peer's
+        in one table (the issue asks for the ratios against every peer)."""
+        cp = agg.get("canary-proxy")
+        peers = [(k, a) for k, a in agg.items() if k not in ("canary-proxy", "direct")]
+        if not cp or not peers:
+            return ""
+        cells = []
+        for key, a in peers:
+            label = {"haproxy": "HAProxy", "nginx": "NGINX", "traefik": "Traefik", "caddy": "Caddy"}.get(key, key)
+            cpu = cp["cpu_us"] / a["cpu_us"] if a["cpu_us"] else float("nan")
+            rps = cp["rps"] / a["rps"] if a["rps"] else float("nan")
+            cells.append(f"{label}: CPU/request {cpu:.2f}×, req/s {rps:.2f}×")
+        return "canary-proxy against each peer (below 1× CPU and above 1× req/s is ahead): " + "; ".join(cells) + ".\n"
+
+    def traefik_counters(self, systems):
+        """Traefik's own per-service counters, as a cross-check of the split
+        and a check that the metrics whose cost was measured were on."""
+        for s in systems:
+            if isinstance(s, Traefik) and s.proc:
+                own = s.own_counts()
+                n = own.get("stable", 0) + own.get("canary", 0)
+                if not n:
+                    self.failures.append(f"Traefik's metrics counted no request per service: {own}")
+                    continue
+                self.sections.append(
+                    "Traefik's own counters (`traefik_service_requests_total`, warm-up included): "
+                    + ", ".join(f"{k} {v}" for k, v in sorted(own.items()))
+                    + f" — canary share {100 * own.get('canary', 0) / n:.2f}%.\n")
 
     def routing_routes(self, kind):
         """The headline routes file plus one routing table (docs/routing.md),
@@ -919,7 +1143,8 @@ protocol = "h2c"
                     self.procs.stop(s.proc)
 
     def tls_phase(self, rounds):
-        title = "TLS on the front door: canary-proxy against HAProxy (one worker thread, same pinning)"
+        title = ("TLS on the front door: canary-proxy against HAProxy, Traefik and Caddy (one worker thread, "
+                 "same pinning)")
         if not self.proxy_has("--tls-listen"):
             self.sections.append(f"### {title}\n\nnot available: canary-proxy has no --tls-listen\n")
             log("TLS: not available: canary-proxy has no --tls-listen")
@@ -938,15 +1163,20 @@ protocol = "h2c"
             for part in (cert, key):
                 with open(part) as f:
                     out.write(f.read())
-        systems = [CanaryProxy(self, 1, SUT_CPUS_1, tls=(cert, key)), HAProxy(self, 1, SUT_CPUS_1, tls_pem=pem)]
-        log("TLS: starting canary-proxy and HAProxy with TLS listeners")
+        systems = [CanaryProxy(self, 1, SUT_CPUS_1, tls=(cert, key)), HAProxy(self, 1, SUT_CPUS_1, tls_pem=pem),
+                   Traefik(self, 1, SUT_CPUS_1, tls=(cert, key)), Caddy(self, 1, SUT_CPUS_1, tls=(cert, key))]
+        log(f"TLS: starting {', '.join(s.label for s in systems)} with TLS listeners")
         try:
             for s in systems:
                 s.start(self.procs)
             res = self.rounds(systems, rounds, self.args.duration, self.args.warmup)
             note = (f"Self-signed ECDSA P-256 certificate, HTTP/1.1 over TLS with keep-alive (one handshake per "
-                    f"connection), {rounds} rounds of `wrk -t{WRK_THREADS} -c{CONNECTIONS} -d{self.args.duration}s`.")
-            return self.summarise(title, systems, res, note)
+                    f"connection), {rounds} round(s) of `wrk -t{WRK_THREADS} -c{CONNECTIONS} -d{self.args.duration}s`. "
+                    f"The same certificate and key for every system (Traefik: its default certificate; Caddy: "
+                    f"`tls CERT KEY`).")
+            agg = self.summarise(title, systems, res, note)
+            self.sections.append(self.peer_ratios(agg))
+            return agg
         finally:
             for s in systems:
                 if s.proc:
@@ -1093,7 +1323,7 @@ protocol = "h2c"
 
     def idle_phase(self, n, hold):
         title = f"Memory with {n} idle keep-alive client connections (one worker thread, core {SUT_CPUS_1})"
-        systems = [CanaryProxy(self, 1, SUT_CPUS_1), HAProxy(self, 1, SUT_CPUS_1), Nginx(self, 1, SUT_CPUS_1)]
+        systems = self.http1_systems(1)
         lines = [f"### {title}", "",
                  f"Each client connection sends one `GET /ping` over keep-alive, reads the answer and then stays "
                  f"open and idle (client on core {LOAD_CPUS}, at most 200 connections being set up at once). RSS "
@@ -1241,6 +1471,8 @@ protocol = "h2c"
             "nginx": first_line(["nginx", "-v"]).replace("nginx version: ", ""),
             "wrk": first_line(["wrk", "-v"]).split(" Copyright")[0],
             "h2load": first_line(["h2load", "--version"]),
+            "traefik": tool_version("traefik"),
+            "caddy": tool_version("caddy"),
             "build": self.args.profile,
         }
 
@@ -1254,7 +1486,7 @@ protocol = "h2c"
                f"- commit {v['commit']}, canary-proxy and ping-backend built with the `{v['build']}` profile",
                f"- binaries: `{self.proxy_bin}`, `{self.backend_bin}`",
                f"- machine: {v['cpu']}, Linux {v['kernel']}",
-               f"- {v['haproxy']}; {v['nginx']}; {v['wrk']}; {v['h2load']}",
+               f"- {v['haproxy']}; {v['nginx']}; {v['traefik']}; {v['caddy']}; {v['wrk']}; {v['h2load']}",
                "- load average (1, 5, 15 min): " + "; ".join(f"{k} {l}" for k, l in self.loads),
                f"- upstreams: two `ping-backend` processes (stable v1, canary v2), one tokio worker each, on core "
                f"{UPSTREAM_CPUS}; split 90/10 over keep-alive; the split is counted from the `x-ping-version` "
@@ -1321,17 +1553,18 @@ protocol = "h2c"
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--quick", action="store_true", help="short smoke run (about a minute): checks the harness "
-                    "and the split, not speed")
+    ap.add_argument("--quick", action="store_true", help="short smoke run (about a minute and a half): every row "
+                    "once, briefly; checks the harness and the split, not speed")
     ap.add_argument("--proxy-bin", required=True)
     ap.add_argument("--backend-bin", required=True)
     ap.add_argument("--profile", default="release")
     ap.add_argument("--out", help="results file (default bench/results/<date>.md)")
     ap.add_argument("--duration", type=int, help="seconds per measured load")
     ap.add_argument("--warmup", type=int)
-    ap.add_argument("--rounds", type=int, help="rounds of the headline figure")
+    ap.add_argument("--rounds", type=int, help="rounds of the headline figure (canary-proxy, HAProxy, NGINX, "
+                    "Traefik, Caddy, direct; ping-backend upstreams)")
     ap.add_argument("--rounds2", type=int, help="rounds of the two-thread figure")
-    ap.add_argument("--tls-rounds", type=int)
+    ap.add_argument("--tls-rounds", type=int, help="rounds of the TLS row (canary-proxy, HAProxy, Traefik, Caddy)")
     ap.add_argument("--h2-rounds", type=int, help="rounds of the HTTP/2 (gRPC-shaped, h2load) row")
     ap.add_argument("--only", choices=("h2",), help="run one row alone: h2 = HTTP/2 end to end (gRPC-shaped, "
                     "h2load); writes <date>-h2.md")
