@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """canary-proxy against HAProxy, NGINX, Traefik and Caddy: same split, same
 upstreams, same load, same machine, one run. Rows: the headline (one thread),
-two threads, TLS, HTTP/2, idle connections. Called by `bench/run` (which installs the tools and builds the
+the same against static NGINX upstreams, two threads, TLS, HTTP/2, idle
+connections. Called by `bench/run` (which installs the tools and builds the
 binaries); the peers' configs are in bench/peers/; see docs/performance.md
 for the method.
 
@@ -30,7 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 LUA = os.path.join(HERE, "count.lua")
 IDLE = os.path.join(HERE, "idle_conns.py")
-# Config templates of the peers (Traefik, Caddy).
+# Config templates of the peers (Traefik, Caddy) and of the static upstream.
 PEERS = os.path.join(HERE, "peers")
 
 # The pinning every system gets: upstreams and the system under test on core
@@ -569,7 +570,7 @@ class Direct(System):
 
 
 # --------------------------------------------------------------------------
-# the peers users pick for canaries (Traefik, Caddy)
+# the peers users pick for canaries (Traefik, Caddy) and the static upstream
 
 
 def render(template, dest, **values):
@@ -917,6 +918,38 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
 protocol = "h2c"
 """)
 
+    def start_static_upstreams(self):
+        """The faster upstream pair of the "static upstreams" row: NGINX
+        answering `pong` with x-ping-version v1 / v2 (bench/peers/
+        nginx-static.conf), one worker each, pinned like ping-backend."""
+        addr, pids = {}, {}
+        for version in ("v1", "v2"):
+            port = free_port()
+            prefix = os.path.join(self.workdir, f"upstream-static-{version}")
+            os.makedirs(prefix, exist_ok=True)
+            cfg = render("nginx-static.conf", os.path.join(prefix, "nginx.conf"), prefix=prefix, port=port,
+                         version=version)
+            p = self.procs.start(f"upstream-static-{version}", ["nginx", "-p", prefix, "-c", cfg, "-e", "stderr"],
+                                 UPSTREAM_CPUS)
+            wait_pong(f"http://127.0.0.1:{port}/ping", self.procs, p)
+            addr[version] = f"127.0.0.1:{port}"
+            # the worker serves (and costs) the requests, not the master
+            pids[version] = children(p.pid)
+        # canary-proxy's routes to them, in a directory of its own (it
+        # watches the routes file's directory)
+        os.makedirs(os.path.join(self.workdir, "routes-static"), exist_ok=True)
+        routes = os.path.join(self.workdir, "routes-static", "routes.toml")
+        with open(routes, "w") as f:
+            f.write(f"""[versions.stable]
+upstream = "http://{addr['v1']}"
+weight = {int(STABLE_SHARE * 100)}
+
+[versions.canary]
+upstream = "http://{addr['v2']}"
+weight = {int(round((1 - STABLE_SHARE) * 100))}
+""")
+        return Upstreams("static NGINX", addr, pids, routes)
+
     def http1_systems(self, threads, upstreams=None, direct=False):
         """Every system of the HTTP/1.1 rows, in report order: canary-proxy
         first (its own counters are read from it), HAProxy, NGINX, Traefik,
@@ -1028,17 +1061,20 @@ protocol = "h2c"
         self.sections.append("\n".join(lines))
         return agg
 
-    def throughput_phase(self, threads, include_direct, rounds):
+    def throughput_phase(self, threads, include_direct, rounds, upstreams=None):
         cpus = SUT_CPUS_1 if threads == 1 else SUT_CPUS_2
-        systems = self.http1_systems(threads, direct=include_direct)
-        log(f"throughput, {threads} worker thread(s), proxies on CPU {cpus}: starting "
-            f"{', '.join(s.label for s in systems)}")
+        systems = self.http1_systems(threads, upstreams, direct=include_direct)
+        log(f"throughput, {threads} worker thread(s), proxies on CPU {cpus}"
+            f"{', static upstreams' if upstreams else ''}: starting {', '.join(s.label for s in systems)}")
         try:
             for s in systems:
                 s.start(self.procs)
             load_before = loadavg()
             res = self.rounds(systems, rounds, self.args.duration, self.args.warmup)
-            if threads == 1:
+            if upstreams:
+                title = (f"Static upstreams: one worker thread each, upstreams a static NGINX `pong` (proxy and "
+                         f"upstreams on core {cpus}, wrk on core {LOAD_CPUS})")
+            elif threads == 1:
                 title = f"Headline: one worker thread each (proxy and upstreams on core {cpus}, wrk on core {LOAD_CPUS})"
             else:
                 title = (f"Second figure: two worker threads each (proxy on cores {cpus}, upstreams on core "
@@ -1048,6 +1084,12 @@ protocol = "h2c"
                     f"after {loadavg()}. canary-proxy `--threads {threads}`, HAProxy `nbthread {threads}`, NGINX "
                     f"`worker_processes {threads}`, Traefik and Caddy `GOMAXPROCS={threads}`. Peak RSS is VmHWM of "
                     f"the serving process(es) at the end (NGINX: its worker(s), not the master).")
+            if upstreams:
+                note += (" The upstreams are two NGINX processes answering `return 200 \"pong\"` with "
+                         "`add_header x-ping-version v1` / `v2` (bench/peers/nginx-static.conf), one worker each on "
+                         f"core {UPSTREAM_CPUS}: cheaper per request than ping-backend, so each proxy's own cost is "
+                         "a bigger share of what is measured. The direct row is wrk straight to the stable one "
+                         "(its CPU is that NGINX worker's).")
             agg = self.summarise(title, systems, res, note)
             self.sections.append(self.peer_ratios(agg))
             cp = systems[0]
@@ -1064,6 +1106,17 @@ protocol = "h2c"
             for s in systems:
                 if s.proc:
                     self.procs.stop(s.proc)
+
+    def static_phase(self, rounds):
+        """The headline row again, every system pointed at the faster
+        static NGINX upstreams (started for this row, stopped after it)."""
+        static = self.start_static_upstreams()
+        try:
+            return self.throughput_phase(1, include_direct=True, rounds=rounds, upstreams=static)
+        finally:
+            for name in ("upstream-static-v1", "upstream-static-v2"):
+                for p in [p for p in self.procs.live if p.bench_name == name]:
+                    self.procs.stop(p)
 
     def peer_ratios(self, agg):
         """canary-proxy's CPU per request and req/s as a ratio to each peer's
@@ -1490,7 +1543,8 @@ protocol = "h2c"
                "- load average (1, 5, 15 min): " + "; ".join(f"{k} {l}" for k, l in self.loads),
                f"- upstreams: two `ping-backend` processes (stable v1, canary v2), one tokio worker each, on core "
                f"{UPSTREAM_CPUS}; split 90/10 over keep-alive; the split is counted from the `x-ping-version` "
-               f"header of every answer wrk read",
+               f"header of every answer wrk read; the static-upstreams row uses two NGINX `return 200` "
+               f"upstreams instead (bench/peers/nginx-static.conf)",
                f"- took {time.monotonic() - started:.0f}s", ""]
         goals = self.goals(head, idle)
         if goals:
@@ -1514,6 +1568,9 @@ protocol = "h2c"
             else:
                 head = self.throughput_phase(1, include_direct=True, rounds=a.rounds)
                 self.loads.append(("after headline", loadavg()))
+                if a.static_rounds:
+                    self.static_phase(a.static_rounds)
+                    self.loads.append(("after static upstreams", loadavg()))
                 if not a.quick:
                     self.throughput_phase(2, include_direct=False, rounds=a.rounds2)
                     self.loads.append(("after two-thread figure", loadavg()))
@@ -1564,6 +1621,8 @@ def main():
     ap.add_argument("--rounds", type=int, help="rounds of the headline figure (canary-proxy, HAProxy, NGINX, "
                     "Traefik, Caddy, direct; ping-backend upstreams)")
     ap.add_argument("--rounds2", type=int, help="rounds of the two-thread figure")
+    ap.add_argument("--static-rounds", type=int, help="rounds of the headline row against static NGINX upstreams "
+                    "(bench/peers/nginx-static.conf) instead of ping-backend; 0 skips it")
     ap.add_argument("--tls-rounds", type=int, help="rounds of the TLS row (canary-proxy, HAProxy, Traefik, Caddy)")
     ap.add_argument("--h2-rounds", type=int, help="rounds of the HTTP/2 (gRPC-shaped, h2load) row")
     ap.add_argument("--only", choices=("h2",), help="run one row alone: h2 = HTTP/2 end to end (gRPC-shaped, "
@@ -1579,11 +1638,11 @@ def main():
     ap.add_argument("--compare", metavar="BIN", help="only the headline setup: this build against another "
                     "canary-proxy binary (and HAProxy), to measure one change; writes <date>-compare.md")
     args = ap.parse_args()
-    defaults = (dict(duration=2, warmup=1, rounds=2, rounds2=0, tls_rounds=1, h2_rounds=1, idle_conns=1000,
-                     idle_hold=2.0)
+    defaults = (dict(duration=2, warmup=1, rounds=2, rounds2=0, static_rounds=1, tls_rounds=1, h2_rounds=1,
+                     idle_conns=1000, idle_hold=2.0)
                 if args.quick else
-                dict(duration=10, warmup=2, rounds=5, rounds2=3, tls_rounds=3, h2_rounds=3, idle_conns=10000,
-                     idle_hold=12.0))
+                dict(duration=10, warmup=2, rounds=5, rounds2=3, static_rounds=5, tls_rounds=3, h2_rounds=3,
+                     idle_conns=10000, idle_hold=12.0))
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
