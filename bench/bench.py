@@ -12,6 +12,7 @@ here is stopped on exit (also on Ctrl-C, SIGTERM and errors).
 import argparse
 import atexit
 import datetime
+import json
 import math
 import os
 import re
@@ -809,6 +810,53 @@ def run_h2load(url, seconds, watch_ports=(), watch_pids=()):
     return r
 
 
+# The open-loop row: oha sends at a fixed rate whatever the answers do, and
+# with --latency-correction counts each request's latency from when it was
+# due, not from when a free connection sent it, so a stall shows in the tail
+# (wrk, closed-loop, waits for an answer before the next request and so hides
+# it: coordinated omission). Fractions of HAProxy's closed-loop maximum in the
+# same run's headline row.
+OPENLOOP_LOADS = (0.5, 0.8)
+# --quick measures a dev build on a busy machine: its rates stay small, so that
+# it never fails on speed (derived from the quick headline all the same, so
+# that code path runs).
+QUICK_OPENLOOP_BASE = 2500
+
+
+def oha_bin():
+    return os.environ.get("BENCH_OHA") or shutil.which("oha") or "oha"
+
+
+def run_oha(url, rate, seconds, connections=CONNECTIONS):
+    """oha at a fixed `rate` for `seconds`, open loop, on the load core."""
+    # One tokio worker: oha has one core of its own (two threads would only
+    # take turns on it). -w lets the requests in flight at the deadline finish
+    # instead of counting them as errors; -t bounds each one, as wrk's --timeout.
+    cmd = ["taskset", "-c", LOAD_CPUS, oha_bin(), "-z", f"{seconds}s", "-q", str(rate), "--latency-correction",
+           "-c", str(connections), "-w", "-t", "2s", "--worker-threads", "1", "--no-tui",
+           "--output-format", "json", url]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    try:
+        data = json.loads(out.stdout)
+    except ValueError:
+        data = None
+    if out.returncode != 0 or not data:
+        raise RuntimeError(f"oha failed (exit {out.returncode}) against {url}:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    codes = {int(k): v for k, v in (data.get("statusCodeDistribution") or {}).items()}
+    transport = dict(data.get("errorDistribution") or {})
+    answered = sum(codes.values())
+    if answered == 0:
+        raise RuntimeError(f"oha got no answer from {url}: {transport}")
+    pct = data["latencyPercentiles"]
+    timeouts = sum(n for k, n in transport.items() if "timeout" in k.lower())
+    return {
+        "requests": answered, "rate": rate, "rps": answered / data["summary"]["total"],
+        "p50_us": 1e6 * pct["p50"], "p99_us": 1e6 * pct["p99"], "p999_us": 1e6 * pct["p99.9"],
+        "non_2xx": sum(n for c, n in codes.items() if not 200 <= c < 300),
+        "transport": sum(transport.values()), "timeouts": timeouts, "transport_kinds": transport,
+    }
+
+
 def split_check(counts, expect_single=False):
     """(ok, canary fraction, tolerance, text).
 
@@ -1060,6 +1108,12 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
         lines.append("")
         self.sections.append("\n".join(lines))
         return agg
+
+    def headline_systems(self, threads, cpus=None):
+        """The HTTP/1.1 systems of the headline row, in its order (the
+        proxies of `http1_systems`); the open-loop row measures the same
+        list."""
+        return self.http1_systems(threads)
 
     def throughput_phase(self, threads, include_direct, rounds, upstreams=None):
         cpus = SUT_CPUS_1 if threads == 1 else SUT_CPUS_2
@@ -1374,6 +1428,104 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
         self.sections.append("\n".join(lines))
         return agg
 
+    def openloop_phase(self, head, rounds):
+        """Latency at fixed rates (open loop, oha): every HTTP/1.1 system of
+        the headline, one worker thread, at fractions of HAProxy's maximum
+        in the headline row."""
+        title = (f"Open loop: latency at fixed rates (one worker thread, core {SUT_CPUS_1}; oha on core "
+                 f"{LOAD_CPUS})")
+        if not head or "haproxy" not in head or not head["haproxy"]["rps"] > 0:
+            self.failures.append(f"{title}: no HAProxy maximum from the headline row to derive the rates from")
+            return None
+        base = head["haproxy"]["rps"]
+        if self.quick:
+            base = min(base, QUICK_OPENLOOP_BASE)
+        rates = {frac: max(100, int(round(frac * base))) for frac in OPENLOOP_LOADS}
+        systems = [s for s in self.headline_systems(1, SUT_CPUS_1) if not isinstance(s, Direct)]
+        # --quick checks the harness, not speed: no warm-up, to keep it short
+        seconds, warmup = self.args.duration, 0 if self.quick else self.args.warmup
+        log(f"open loop: {', '.join(s.label for s in systems)} at "
+            + ", ".join(f"{r} req/s" for r in rates.values()))
+        try:
+            for s in systems:
+                s.start(self.procs)
+            load_before = loadavg()
+            results = {}
+            for i, (frac, rate) in enumerate(rates.items()):
+                log(f"open loop at {100 * frac:.0f}% of HAProxy's maximum: {rate} req/s")
+                results[frac] = self.rounds(
+                    systems, rounds, seconds, warmup if i == 0 else 0,
+                    load=lambda s, secs, _pids, rate=rate: run_oha(s.url, rate, secs),
+                    describe=lambda r: (f"p50 {r['p50_us'] / 1000:.2f} ms  p99 {r['p99_us'] / 1000:.2f} ms  "
+                                        f"p99.9 {r['p999_us'] / 1000:.2f} ms  cpu {r['cpu_us']:.1f} us/req  "
+                                        f"non-2xx {r['non_2xx']}  transport errors {r['transport_kinds'] or 0}"))
+            oha_version = subprocess.run([oha_bin(), "--version"], capture_output=True, text=True).stdout.strip()
+            note = (f"`{oha_version}`: `oha -q RATE --latency-correction -c {CONNECTIONS} -z {seconds}s -w -t 2s "
+                    f"--worker-threads 1`, pinned to core {LOAD_CPUS}; systems as in the headline (one worker "
+                    f"thread each, with the upstreams on core {SUT_CPUS_1}). The rates are "
+                    + " and ".join(f"{100 * f:.0f}%" for f in rates)
+                    + f" of HAProxy's median req/s in this run's headline row ({head['haproxy']['rps']:.0f}"
+                    + (f", capped at {QUICK_OPENLOOP_BASE} in --quick" if self.quick else "")
+                    + f"). wrk is closed-loop: a slow answer delays the next request, so a stall hides "
+                    f"from its percentiles (coordinated omission). oha sends at the fixed rate whatever the "
+                    f"answers do, and with `--latency-correction` counts each latency from when the request "
+                    f"was due. {rounds} round(s) alternating per rate, a {warmup}s warm-up at the first rate; "
+                    f"load average before {load_before}, after {loadavg()}. Achieved: answers per second "
+                    f"(below the target when a system cannot keep up). Errors: non-2xx answers, and transport "
+                    f"errors (of which timeouts, over 2 s). oha cannot read the `x-ping-version` header, so "
+                    f"the split is not counted here; it is checked on the same systems and configuration in "
+                    f"the headline row, and here every answer must be a 2xx.")
+            return self.openloop_summarise(title, systems, results, rates, note)
+        finally:
+            for s in systems:
+                if s.proc:
+                    self.procs.stop(s.proc)
+
+    def openloop_summarise(self, title, systems, results, rates, note):
+        agg = {}
+        lines = [f"### {title}", "", note, "",
+                 "| load | system | target req/s | achieved req/s (median) | p50 ms | p99 ms | p99.9 ms "
+                 "| × HAProxy p99 | × HAProxy p99.9 | CPU µs/request (user + kernel) | errors: non-2xx / transport "
+                 "(timeouts) |",
+                 "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for frac, rate in rates.items():
+            agg[frac] = {}
+            for s in systems:
+                rs = results[frac][s.key]
+                a = {"rate": rate, "rps": med([r["rps"] for r in rs]),
+                     "p50": med([r["p50_us"] for r in rs]), "p99": med([r["p99_us"] for r in rs]),
+                     "p999": med([r["p999_us"] for r in rs]), "cpu_us": med([r["cpu_us"] for r in rs]),
+                     "user_us": med([r["user_us"] for r in rs]), "sys_us": med([r["sys_us"] for r in rs]),
+                     "non_2xx": sum(r["non_2xx"] for r in rs), "transport": sum(r["transport"] for r in rs),
+                     "timeouts": sum(r["timeouts"] for r in rs), "requests": sum(r["requests"] for r in rs)}
+                agg[frac][s.key] = a
+                # A wrong answer or a broken connection is a fault; a timeout
+                # or a shortfall of the rate is a system that cannot keep up
+                # (speed), reported but not failed.
+                hard = a["non_2xx"] + a["transport"] - a["timeouts"]
+                if hard:
+                    kinds = {}
+                    for r in rs:
+                        for k, n in r["transport_kinds"].items():
+                            kinds[k] = kinds.get(k, 0) + n
+                    self.failures.append(f"{title}: {s.label} at {rate} req/s: {a['non_2xx']} non-2xx answers, "
+                                         f"transport errors {kinds}")
+            hap = agg[frac].get("haproxy")
+            for s in systems:
+                a = agg[frac][s.key]
+                p99r = f"{a['p99'] / hap['p99']:.2f}" if hap and hap["p99"] else "–"
+                p999r = f"{a['p999'] / hap['p999']:.2f}" if hap and hap["p999"] else "–"
+                short = " (**short**)" if a["rps"] < 0.95 * rate else ""
+                errors = f"{a['non_2xx']} / {a['transport']} ({a['timeouts']})"
+                if a["non_2xx"] or a["transport"]:
+                    errors = f"**{errors}**"
+                lines.append(f"| {100 * frac:.0f}% | {s.label} | {rate} | {a['rps']:.0f}{short} | {fmt_ms(a['p50'])} "
+                             f"| {fmt_ms(a['p99'])} | {fmt_ms(a['p999'])} | {p99r} | {p999r} | "
+                             f"{fmt_cpu(a['cpu_us'])} ({fmt_cpu(a['user_us'])} + {fmt_cpu(a['sys_us'])}) | {errors} |")
+        lines.append("")
+        self.sections.append("\n".join(lines))
+        return agg
+
     def idle_phase(self, n, hold):
         title = f"Memory with {n} idle keep-alive client connections (one worker thread, core {SUT_CPUS_1})"
         systems = self.http1_systems(1)
@@ -1533,8 +1685,8 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
         v = self.versions()
         date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
         mode = "quick smoke run (not a measurement)" if self.quick else "full run"
-        if self.args.only == "h2":
-            mode = "HTTP/2 row only, " + mode
+        if self.args.only:
+            mode = {"h2": "HTTP/2 row only", "openloop": "headline and open-loop rows only"}[self.args.only] + ", " + mode
         out = [f"# canary-proxy benchmark, {date} ({mode})", "",
                f"- commit {v['commit']}, canary-proxy and ping-backend built with the `{v['build']}` profile",
                f"- binaries: `{self.proxy_bin}`, `{self.backend_bin}`",
@@ -1565,9 +1717,17 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
             elif a.only == "h2":
                 self.h2_phase(a.h2_rounds)
                 self.loads.append(("after HTTP/2 row", loadavg()))
+            elif a.only == "openloop":
+                # its rates are fractions of HAProxy's maximum in the headline row
+                head = self.throughput_phase(1, include_direct=True, rounds=a.rounds)
+                self.loads.append(("after headline", loadavg()))
+                self.openloop_phase(head, a.openloop_rounds)
+                self.loads.append(("after open-loop row", loadavg()))
             else:
                 head = self.throughput_phase(1, include_direct=True, rounds=a.rounds)
                 self.loads.append(("after headline", loadavg()))
+                self.openloop_phase(head, a.openloop_rounds)
+                self.loads.append(("after open-loop row", loadavg()))
                 if a.static_rounds:
                     self.static_phase(a.static_rounds)
                     self.loads.append(("after static upstreams", loadavg()))
@@ -1589,13 +1749,13 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
     def finish(self, started, head, idle, compare=False):
         a = self.args
         self.loads.append(("end", loadavg()))
-        text = "\n".join(self.sections) if compare else self.report(started, head, idle)
-        print(text)
         out = a.out
         if not out:
             day = datetime.date.today().isoformat()
-            kind = "-compare" if compare else ("-h2" if a.only == "h2" else "") + ("-quick" if a.quick else "")
+            kind = "-compare" if compare else (f"-{a.only}" if a.only else "") + ("-quick" if a.quick else "")
             out = os.path.join(HERE, "results", f"{day}{kind}.md")
+        text = "\n".join(self.sections) if compare else self.report(started, head, idle)
+        print(text)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "w") as f:
             f.write(text)
@@ -1625,8 +1785,10 @@ def main():
                     "(bench/peers/nginx-static.conf) instead of ping-backend; 0 skips it")
     ap.add_argument("--tls-rounds", type=int, help="rounds of the TLS row (canary-proxy, HAProxy, Traefik, Caddy)")
     ap.add_argument("--h2-rounds", type=int, help="rounds of the HTTP/2 (gRPC-shaped, h2load) row")
-    ap.add_argument("--only", choices=("h2",), help="run one row alone: h2 = HTTP/2 end to end (gRPC-shaped, "
-                    "h2load); writes <date>-h2.md")
+    ap.add_argument("--only", choices=("h2", "openloop"),
+                    help="run one row alone: h2 = HTTP/2 end to end (gRPC-shaped, h2load); openloop = open-loop "
+                    "latency at fixed rates (oha), after the headline row its rates derive from; writes <date>-<row>.md")
+    ap.add_argument("--openloop-rounds", type=int, help="rounds of the open-loop (oha) row, per rate")
     ap.add_argument("--idle-conns", type=int)
     ap.add_argument("--idle-hold", type=float)
     ap.add_argument("--compare-threads", type=int, default=1, choices=(1, 2),
@@ -1644,6 +1806,11 @@ def main():
                 dict(duration=10, warmup=2, rounds=5, rounds2=3, static_rounds=5, tls_rounds=3, h2_rounds=3,
                      idle_conns=10000, idle_hold=12.0))
     for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    # the rows of issue 20 (open loop)
+    more = dict(openloop_rounds=1) if args.quick else dict(openloop_rounds=3)
+    for k, v in more.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
 
