@@ -307,6 +307,7 @@ class CanaryProxy(System):
         self.admin = f"http://127.0.0.1:{admin}"
         wait_ready(f"http://127.0.0.1:{port}/ping", procs, self.proc)
         self.url = f"https://127.0.0.1:{tls_port}/ping" if self.tls else f"http://127.0.0.1:{port}/ping"
+        self.plain_url = f"http://127.0.0.1:{port}/ping"
 
     def own_counts(self):
         """canary-proxy's own per-version request counters, from /metrics."""
@@ -570,6 +571,133 @@ class Direct(System):
         return None
 
 
+# The HTTP/2 front-door row: clients speak h2 (h2c with prior knowledge on the
+# plain port, h2 over TLS by ALPN on the TLS port); every proxy speaks
+# HTTP/1.1 with keep-alive to the upstreams, as in the headline. (The
+# gRPC-shaped row above is h2c end to end.) canary-proxy needs no class of its
+# own: it serves h2c prior knowledge on its plain port and offers ALPN h2 on
+# --tls-listen. `url` is the TLS URL and `plain_url` the h2c one, as
+# CanaryProxy sets them when given a certificate.
+
+
+class HAProxyH2Front(HAProxy):
+    def __init__(self, bench, threads, cpus, pem):
+        super().__init__(bench, threads, cpus)
+        self.pem = pem
+
+    def start(self, procs):
+        b = self.bench
+        port, tls_port = free_port(), free_port()
+        name = f"haproxy-t{self.threads}-h2front"
+        # the stats socket counts answers per server: h2load cannot read the header
+        self.stats_sock = os.path.join(b.workdir, f"{name}.sock")
+        cfg = os.path.join(b.workdir, f"{name}.cfg")
+        with open(cfg, "w") as f:
+            f.write(f"""global
+    nbthread {self.threads}
+    maxconn {haproxy_maxconn()}
+    stats socket {self.stats_sock} mode 600 level user
+defaults
+    mode http
+    option http-keep-alive
+    option forwardfor
+    http-reuse always
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+    timeout http-request 10s
+    timeout http-keep-alive 60s
+frontend fe
+    bind 127.0.0.1:{port} proto h2
+    bind 127.0.0.1:{tls_port} ssl crt {self.pem} alpn h2,http/1.1
+    maxconn {haproxy_maxconn()}
+    http-request set-header X-Forwarded-Proto %[ssl_fc,iif(https,http)]
+    http-request set-header X-Forwarded-Host %[req.hdr(host)]
+    default_backend be
+backend be
+    balance roundrobin
+    server stable {b.upstream_addr['v1']} weight {int(STABLE_SHARE * 100)} maxconn 30000
+    server canary {b.upstream_addr['v2']} weight {int(round((1 - STABLE_SHARE) * 100))} maxconn 30000
+""")
+        self.proc = procs.start(name, ["haproxy", "-db", "-f", cfg], self.cpus)
+        self.plain_url = f"http://127.0.0.1:{port}/ping"
+        self.url = f"https://127.0.0.1:{tls_port}/ping"
+        wait_pong_h2c(self.plain_url, procs, self.proc)
+        wait_pong_h2c(self.url, procs, self.proc)
+
+
+class NginxH2Front(Nginx):
+    def __init__(self, bench, workers, cpus, cert, key):
+        super().__init__(bench, workers, cpus)
+        self.cert, self.key = cert, key
+
+    def start(self, procs):
+        b = self.bench
+        port, tls_port = free_port(), free_port()
+        name = f"nginx-w{self.workers}-h2front"
+        prefix = os.path.join(b.workdir, name)
+        os.makedirs(prefix, exist_ok=True)
+        cfg = os.path.join(prefix, "nginx.conf")
+        # `listen ... http2` before 1.25.1 (a plain `http2` listener takes h2c
+        # with prior knowledge), the `http2` directive since.
+        if nginx_version() >= (1, 25, 1):
+            listen = (f"listen 127.0.0.1:{port} reuseport;\n        listen 127.0.0.1:{tls_port} ssl reuseport;"
+                      f"\n        http2 on;")
+        else:
+            listen = f"listen 127.0.0.1:{port} http2 reuseport;\n        listen 127.0.0.1:{tls_port} ssl http2 reuseport;"
+        self.access_log = os.path.join(prefix, "upstreams.log")
+        self.log_offset, self.log_counts = 0, {"v1": 0, "v2": 0}
+        with open(cfg, "w") as f:
+            f.write(f"""daemon off;
+user root;
+worker_processes {self.workers};
+worker_rlimit_nofile 40000;
+pid {prefix}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 30000; }}
+http {{
+    # Open source NGINX has no per-upstream counter: the split is counted
+    # from a buffered log of the upstream each answer came from.
+    log_format upstream "$upstream_addr";
+    access_log {self.access_log} upstream buffer=64k flush=1s;
+    keepalive_timeout 60s;
+    keepalive_requests 1000000;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+    upstream versions {{
+        server {b.upstream_addr['v1']} weight={int(STABLE_SHARE * 100)};
+        server {b.upstream_addr['v2']} weight={int(round((1 - STABLE_SHARE) * 100))};
+        # HTTP/1.1 upstream: one connection per request in flight, so more
+        # than h2load's {H2_CONNECTIONS * H2_STREAMS} streams, or the pool churns
+        keepalive 1024;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        {listen}
+        ssl_certificate {self.cert};
+        ssl_certificate_key {self.key};
+        location / {{
+            proxy_pass http://versions;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $http_host;
+            proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+            proxy_set_header X-Forwarded-Proto $scheme;
+            proxy_set_header X-Forwarded-Host $http_host;
+        }}
+    }}
+}}
+""")
+        self.proc = procs.start(name, ["nginx", "-p", prefix, "-c", cfg, "-e", "stderr"], self.cpus)
+        self.plain_url = f"http://127.0.0.1:{port}/ping"
+        self.url = f"https://127.0.0.1:{tls_port}/ping"
+        wait_pong_h2c(self.plain_url, procs, self.proc)
+        wait_pong_h2c(self.url, procs, self.proc)
+
+
 # --------------------------------------------------------------------------
 # the peers users pick for canaries (Traefik, Caddy) and the static upstream
 
@@ -791,6 +919,7 @@ def run_h2load(url, seconds, watch_ports=(), watch_pids=()):
                     r"(\d+) errored, (\d+) timeout", stdout, re.M)
     codes = re.search(r"^status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", stdout, re.M)
     lat = re.search(r"^time for request:\s+(\S+)\s+(\S+)\s+(\S+)", stdout, re.M)
+    proto = re.search(r"^Application protocol: (\S+)", stdout, re.M)
     if p.returncode != 0 or not (fin and req and codes):
         raise RuntimeError(f"h2load failed (exit {p.returncode}) against {url}:\n{stdout[-2000:]}\n{stderr[-2000:]}")
     total, started, done, succeeded, failed, errored, timeout = (int(x) for x in req.groups())
@@ -801,7 +930,7 @@ def run_h2load(url, seconds, watch_ports=(), watch_pids=()):
          # h2load gives no percentiles (only with a per-request log file)
          "mean_us": h2_duration_us(lat.group(3)) if lat else float("nan"),
          "max_us": h2_duration_us(lat.group(2)) if lat else float("nan"),
-         "mid_conns": mid}
+         "mid_conns": mid, "protocol": proto.group(1) if proto else None}
     # In a timed run h2load's total is the requests done; whatever did not
     # succeed with a 2xx (failed, errored, timed out, 3xx to 5xx) is an error.
     r["errors"] = (total - succeeded) + c3xx
@@ -1256,20 +1385,7 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
             self.sections.append(f"### {title}\n\nnot available: canary-proxy has no --tls-listen\n")
             log("TLS: not available: canary-proxy has no --tls-listen")
             return None
-        # A directory of their own, as a mounted Secret has: canary-proxy
-        # watches the certificate's directory, and the process logs written
-        # to workdir would make it re-read the pair on every line.
-        tls_dir = os.path.join(self.workdir, "tls")
-        os.makedirs(tls_dir, exist_ok=True)
-        cert, key, pem = (os.path.join(tls_dir, n) for n in ("cert.pem", "key.pem", "combined.pem"))
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                        "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
-                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                       check=True, capture_output=True)
-        with open(pem, "w") as out:
-            for part in (cert, key):
-                with open(part) as f:
-                    out.write(f.read())
+        cert, key, pem = self.tls_files()
         systems = [CanaryProxy(self, 1, SUT_CPUS_1, tls=(cert, key)), HAProxy(self, 1, SUT_CPUS_1, tls_pem=pem),
                    Traefik(self, 1, SUT_CPUS_1, tls=(cert, key)), Caddy(self, 1, SUT_CPUS_1, tls=(cert, key))]
         log(f"TLS: starting {', '.join(s.label for s in systems)} with TLS listeners")
@@ -1428,6 +1544,27 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
         self.sections.append("\n".join(lines))
         return agg
 
+    def tls_files(self):
+        """(cert, key, combined pem): a self-signed ECDSA P-256 pair, made
+        once per run and shared by the rows that serve TLS."""
+        # A directory of their own, as a mounted Secret has: canary-proxy
+        # watches the certificate's directory, and the process logs written
+        # to workdir would make it re-read the pair on every line.
+        tls_dir = os.path.join(self.workdir, "tls")
+        cert, key, pem = (os.path.join(tls_dir, n) for n in ("cert.pem", "key.pem", "combined.pem"))
+        if os.path.exists(pem):
+            return cert, key, pem
+        os.makedirs(tls_dir, exist_ok=True)
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", key, "-out", cert, "-days", "2", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                       check=True, capture_output=True)
+        with open(pem, "w") as out:
+            for part in (cert, key):
+                with open(part) as f:
+                    out.write(f.read())
+        return cert, key, pem
+
     def openloop_phase(self, head, rounds):
         """Latency at fixed rates (open loop, oha): every HTTP/1.1 system of
         the headline, one worker thread, at fractions of HAProxy's maximum
@@ -1525,6 +1662,74 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
         lines.append("")
         self.sections.append("\n".join(lines))
         return agg
+
+    def h2front_phase(self, rounds):
+        """HTTP/2 on the front door only, as browsers and gRPC clients reach
+        a proxy: (a) h2c with prior knowledge on the plain port, (b) h2 over
+        TLS (ALPN) on the TLS port; HTTP/1.1 with keep-alive to the upstreams."""
+        if not self.proxy_has("--tls-listen"):
+            self.sections.append("### HTTP/2 front door\n\nnot available: canary-proxy has no --tls-listen\n")
+            return None
+        cert, key, pem = self.tls_files()
+        # --quick checks the harness, not speed: no warm-up, to keep it short
+        seconds, warmup = self.args.duration, 0 if self.quick else self.args.warmup
+        upstream_ports = {v: int(addr.rsplit(":", 1)[1]) for v, addr in self.upstream_addr.items()}
+        out = {}
+        for mode, expect, what in (("h2c", "h2c", "h2c (prior knowledge)"), ("tls", "h2", "h2 over TLS (ALPN)")):
+            title = (f"HTTP/2 front door, {what}: HTTP/1.1 to the upstreams (one worker thread, "
+                     f"core {SUT_CPUS_1})")
+            # Fresh processes for each half, so that their counters (upstream
+            # connections opened) are this half's own.
+            systems = [CanaryProxy(self, 1, SUT_CPUS_1, tls=(cert, key)), HAProxyH2Front(self, 1, SUT_CPUS_1, pem),
+                       NginxH2Front(self, 1, SUT_CPUS_1, cert, key)]
+            log(f"HTTP/2 front door ({mode}): starting {', '.join(s.label for s in systems)}")
+            try:
+                for s in systems:
+                    s.start(self.procs)
+                # canary-proxy's readiness check is HTTP/1.1: check h2 on both ports
+                wait_pong_h2c(systems[0].plain_url, self.procs, systems[0].proc)
+                wait_pong_h2c(systems[0].url, self.procs, systems[0].proc)
+                load_before = loadavg()
+
+                def load(s, secs, pids, mode=mode, expect=expect):
+                    r = run_h2load(s.plain_url if mode == "h2c" else s.url, secs, upstream_ports.values(), pids)
+                    # h2load falls back to HTTP/1.1 if ALPN offers no h2: that would measure another row
+                    if r["protocol"] != expect:
+                        raise RuntimeError(f"h2load spoke {r['protocol']} to {s.label}, not {expect}")
+                    r["mid_conns"] = {v: r["mid_conns"].get(port, 0) for v, port in upstream_ports.items()}
+                    return r
+
+                def after(s, r, counts_before):
+                    r["counts"] = self.h2_counts_since(s, counts_before, r["requests"])
+
+                results = self.rounds(systems, rounds, seconds, warmup, load, lambda s: s.split_counts(), after,
+                                      describe=lambda r: (f"mean {r['mean_us'] / 1000:.2f} ms  cpu "
+                                                          f"{r['cpu_us']:.1f} us/req  errors {r['errors']}  "
+                                                          f"counts {r['counts']}  upstream conns mid-load "
+                                                          f"{r['mid_conns']}"))
+                opened = {s.key: s.upstream_connections() for s in systems if hasattr(s, "upstream_connections")}
+                scheme = "http" if mode == "h2c" else "https"
+                note = (f"`h2load -c {H2_CONNECTIONS} -m {H2_STREAMS} -D {seconds} {scheme}://127.0.0.1:PORT/ping` "
+                        f"(one h2load thread on core {LOAD_CPUS}; h2load reported protocol `{expect}` in every "
+                        f"round): {H2_CONNECTIONS} client connections with {H2_STREAMS} streams in flight on each, "
+                        f"as browsers and gRPC clients multiplex. Every proxy speaks HTTP/1.1 with keep-alive to "
+                        f"both upstreams, split 90/10, as in the headline (the gRPC-shaped row is h2c end to end). "
+                        f"canary-proxy `--threads 1` with `--tls-listen` (h2c with prior knowledge on the plain "
+                        f"port, ALPN h2 on the TLS port); HAProxy `bind ... proto h2` and `bind ... ssl crt ... "
+                        f"alpn h2,http/1.1`, `http-reuse always` (`nbthread 1`); NGINX "
+                        f"{'`http2 on`' if nginx_version() >= (1, 25, 1) else '`listen ... http2` and `listen ... ssl http2`'}, "
+                        f"`proxy_pass` over HTTP/1.1 with `keepalive 1024` (`worker_processes 1`). The TLS "
+                        f"certificate is the TLS row's (self-signed ECDSA P-256). {rounds} round(s) alternating, a "
+                        f"{warmup}s warm-up each; load average before {load_before}, after {loadavg()}. The split "
+                        f"is counted by each system, as in the gRPC-shaped row (canary-proxy's "
+                        f"`canary_proxy_requests_total`, HAProxy's per-server `stot`, NGINX's buffered access "
+                        f"log of `$upstream_addr`); the other columns as there.")
+                out[mode] = self.h2_summarise(title, systems, results, note, opened)
+            finally:
+                for s in systems:
+                    if s.proc:
+                        self.procs.stop(s.proc)
+        return out
 
     def idle_phase(self, n, hold):
         title = f"Memory with {n} idle keep-alive client connections (one worker thread, core {SUT_CPUS_1})"
@@ -1686,7 +1891,8 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
         date = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
         mode = "quick smoke run (not a measurement)" if self.quick else "full run"
         if self.args.only:
-            mode = {"h2": "HTTP/2 row only", "openloop": "headline and open-loop rows only"}[self.args.only] + ", " + mode
+            mode = {"h2": "HTTP/2 row only", "h2front": "HTTP/2 front-door row only",
+                    "openloop": "headline and open-loop rows only"}[self.args.only] + ", " + mode
         out = [f"# canary-proxy benchmark, {date} ({mode})", "",
                f"- commit {v['commit']}, canary-proxy and ping-backend built with the `{v['build']}` profile",
                f"- binaries: `{self.proxy_bin}`, `{self.backend_bin}`",
@@ -1717,6 +1923,9 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
             elif a.only == "h2":
                 self.h2_phase(a.h2_rounds)
                 self.loads.append(("after HTTP/2 row", loadavg()))
+            elif a.only == "h2front":
+                self.h2front_phase(a.h2front_rounds)
+                self.loads.append(("after HTTP/2 front-door row", loadavg()))
             elif a.only == "openloop":
                 # its rates are fractions of HAProxy's maximum in the headline row
                 head = self.throughput_phase(1, include_direct=True, rounds=a.rounds)
@@ -1737,6 +1946,8 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
                 self.tls_phase(a.tls_rounds)
                 self.h2_phase(a.h2_rounds)
                 self.loads.append(("after HTTP/2 row", loadavg()))
+                self.h2front_phase(a.h2front_rounds)
+                self.loads.append(("after HTTP/2 front-door row", loadavg()))
                 idle = self.idle_phase(a.idle_conns, a.idle_hold)
                 self.examples_phase()
         except Exception as e:  # noqa: BLE001 - reported, and the run fails
@@ -1785,10 +1996,12 @@ def main():
                     "(bench/peers/nginx-static.conf) instead of ping-backend; 0 skips it")
     ap.add_argument("--tls-rounds", type=int, help="rounds of the TLS row (canary-proxy, HAProxy, Traefik, Caddy)")
     ap.add_argument("--h2-rounds", type=int, help="rounds of the HTTP/2 (gRPC-shaped, h2load) row")
-    ap.add_argument("--only", choices=("h2", "openloop"),
-                    help="run one row alone: h2 = HTTP/2 end to end (gRPC-shaped, h2load); openloop = open-loop "
-                    "latency at fixed rates (oha), after the headline row its rates derive from; writes <date>-<row>.md")
+    ap.add_argument("--only", choices=("h2", "h2front", "openloop"),
+                    help="run one row alone: h2 = HTTP/2 end to end (gRPC-shaped, h2load); h2front = HTTP/2 on the "
+                    "front door only (h2c and h2 over TLS, HTTP/1.1 upstream); openloop = open-loop latency at fixed "
+                    "rates (oha), after the headline row its rates derive from; writes <date>-<row>.md")
     ap.add_argument("--openloop-rounds", type=int, help="rounds of the open-loop (oha) row, per rate")
+    ap.add_argument("--h2front-rounds", type=int, help="rounds of each half of the HTTP/2 front-door row")
     ap.add_argument("--idle-conns", type=int)
     ap.add_argument("--idle-hold", type=float)
     ap.add_argument("--compare-threads", type=int, default=1, choices=(1, 2),
@@ -1808,8 +2021,8 @@ def main():
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    # the rows of issue 20 (open loop)
-    more = dict(openloop_rounds=1) if args.quick else dict(openloop_rounds=3)
+    # the rows of issue 20 (open loop, HTTP/2 front door)
+    more = dict(openloop_rounds=1, h2front_rounds=1) if args.quick else dict(openloop_rounds=3, h2front_rounds=3)
     for k, v in more.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
