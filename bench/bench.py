@@ -25,6 +25,7 @@ import string
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import urllib.request
 
@@ -986,6 +987,52 @@ def run_oha(url, rate, seconds, connections=CONNECTIONS):
     }
 
 
+def draw_chart(path, cpu_rows, openloop):
+    """Two panels from this run's own numbers: CPU µs per request per system
+    for each row in `cpu_rows` [(row, {system label: µs})], and the open-loop
+    p99 per system for each load in `openloop` [(load, {system label: µs})]."""
+    import matplotlib
+    matplotlib.use("Agg")  # no display: write the file only
+    import matplotlib.pyplot as plt
+
+    systems = []
+    for _, vals in list(cpu_rows) + list(openloop):
+        systems += [k for k in vals if k not in systems]
+    colour = {name: plt.get_cmap("tab10")(i % 10) for i, name in enumerate(systems)}
+    fig, (ax_cpu, ax_lat) = plt.subplots(1, 2, figsize=(14, 5.5))
+
+    def bars(ax, groups, scale):
+        width = 0.8 / max(1, len(systems))
+        for gi, (_, vals) in enumerate(groups):
+            present = [n for n in systems if n in vals and vals[n] == vals[n]]  # skip NaN
+            for si, name in enumerate(present):
+                x = gi - 0.4 + width * (si + 0.5)
+                v = vals[name] * scale
+                ax.bar(x, v, width, color=colour[name], label=name)
+                ax.annotate(f"{v:.3g}", (x, v), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels([g for g, _ in groups], fontsize=8)
+        if not groups:
+            ax.text(0.5, 0.5, "not measured in this run", ha="center", va="center", transform=ax.transAxes)
+
+    bars(ax_cpu, cpu_rows, 1.0)
+    ax_cpu.set_ylabel("CPU µs per request (user + kernel)")
+    ax_cpu.set_title("CPU per request (lower is better)")
+    bars(ax_lat, openloop, 1e-3)
+    ax_lat.set_ylabel("p99 latency, ms (log scale)")
+    ax_lat.set_yscale("log")
+    ax_lat.set_title("Open-loop p99 at a fixed rate (lower is better)")
+    # one legend entry per system, in the order they first appear
+    handles = {}
+    for ax in (ax_cpu, ax_lat):
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 6), fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def split_check(counts, expect_single=False):
     """(ok, canary fraction, tolerance, text).
 
@@ -1046,6 +1093,10 @@ class Bench:
         self.failures = []
         self.sections = []
         self.loads = [("start", loadavg())]
+        # what the chart draws: (row title, {system label: CPU µs/request})
+        # of every summarised row, and the open-loop p99s
+        self.chart_cpu = []
+        self.chart_openloop = []
 
     # -- setup
 
@@ -1236,6 +1287,7 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
             f"{s.label} " + ", ".join(f"{x:.0f}" for x in agg[s.key]["rounds"]) for s in systems))
         lines.append("")
         self.sections.append("\n".join(lines))
+        self.chart_cpu.append((title, {s.label: agg[s.key]["cpu_us"] for s in systems if not isinstance(s, Direct)}))
         return agg
 
     def headline_systems(self, threads, cpus=None):
@@ -1542,6 +1594,7 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
                       f"each ({H2_CONNECTIONS * H2_STREAMS} requests in flight)."]
         lines.append("")
         self.sections.append("\n".join(lines))
+        self.chart_cpu.append((title, {s.label: agg[s.key]["cpu_us"] for s in systems if not isinstance(s, Direct)}))
         return agg
 
     def tls_files(self):
@@ -1661,6 +1714,9 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
                              f"{fmt_cpu(a['cpu_us'])} ({fmt_cpu(a['user_us'])} + {fmt_cpu(a['sys_us'])}) | {errors} |")
         lines.append("")
         self.sections.append("\n".join(lines))
+        self.chart_openloop = [(f"{100 * frac:.0f}% load ({rate} req/s)",
+                                {s.label: agg[frac][s.key]["p99"] for s in systems})
+                               for frac, rate in sorted(rates.items(), reverse=True)]
         return agg
 
     def h2front_phase(self, rounds):
@@ -1730,6 +1786,14 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
                     if s.proc:
                         self.procs.stop(s.proc)
         return out
+
+    def write_chart(self, path):
+        """The report's chart (draw_chart) from the rows this run measured:
+        CPU per request of each one-thread row, and the open-loop p99."""
+        # a row's name is its title up to the colon ("Headline", "TLS on the front door", ...)
+        cpu_rows = [(textwrap.fill(row.split(":")[0], 18), vals) for row, vals in self.chart_cpu
+                    if not row.startswith(("Second figure", "Compare"))]  # two threads, or an A/B: not comparable
+        draw_chart(path, cpu_rows, self.chart_openloop)
 
     def idle_phase(self, n, hold):
         title = f"Memory with {n} idle keep-alive client connections (one worker thread, core {SUT_CPUS_1})"
@@ -1965,12 +2029,30 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
             day = datetime.date.today().isoformat()
             kind = "-compare" if compare else (f"-{a.only}" if a.only else "") + ("-quick" if a.quick else "")
             out = os.path.join(HERE, "results", f"{day}{kind}.md")
+        chart = None
+        if not compare and (self.chart_cpu or self.chart_openloop):
+            # --quick draws it too, so the code cannot rot, but into the temp
+            # dir: its numbers are not a measurement.
+            chart = (os.path.join(self.workdir, "chart-quick.png") if a.quick
+                     else os.path.splitext(out)[0] + ".png")
+            try:
+                self.write_chart(chart)
+                if not os.path.getsize(chart):
+                    raise RuntimeError("empty file")
+                self.sections.append(f"### Chart\n\n![CPU per request and open-loop p99 per system]"
+                                     f"({os.path.basename(chart)})\n" if not a.quick else
+                                     f"### Chart\n\ndrawn to {chart} (--quick: not kept)\n")
+            except Exception as e:  # noqa: BLE001 - reported, and the run fails
+                self.failures.append(f"chart: {e}")
+                chart = None
         text = "\n".join(self.sections) if compare else self.report(started, head, idle)
         print(text)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "w") as f:
             f.write(text)
         log(f"results written to {os.path.relpath(out, ROOT)}")
+        if chart and not a.quick:
+            log(f"chart written to {os.path.relpath(chart, ROOT)}")
         if self.failures:
             log("FAILED: " + " | ".join(self.failures))
             log(f"logs of every process kept in {self.workdir}")
