@@ -1097,6 +1097,9 @@ class Bench:
         # of every summarised row, and the open-loop p99s
         self.chart_cpu = []
         self.chart_openloop = []
+        # the summary at the top of the report: (row title, {system label:
+        # {measure: value}}), lower is better except for req/s
+        self.summary = []
 
     # -- setup
 
@@ -1288,6 +1291,8 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
         lines.append("")
         self.sections.append("\n".join(lines))
         self.chart_cpu.append((title, {s.label: agg[s.key]["cpu_us"] for s in systems if not isinstance(s, Direct)}))
+        self.summary.append((title, {s.label: {"CPU µs/request": agg[s.key]["cpu_us"], "req/s": agg[s.key]["rps"]}
+                                     for s in systems if not isinstance(s, Direct)}))
         return agg
 
     def headline_systems(self, threads, cpus=None):
@@ -1595,6 +1600,8 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
         lines.append("")
         self.sections.append("\n".join(lines))
         self.chart_cpu.append((title, {s.label: agg[s.key]["cpu_us"] for s in systems if not isinstance(s, Direct)}))
+        self.summary.append((title, {s.label: {"CPU µs/request": agg[s.key]["cpu_us"], "req/s": agg[s.key]["rps"]}
+                                     for s in systems if not isinstance(s, Direct)}))
         return agg
 
     def tls_files(self):
@@ -1717,6 +1724,10 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
         self.chart_openloop = [(f"{100 * frac:.0f}% load ({rate} req/s)",
                                 {s.label: agg[frac][s.key]["p99"] for s in systems})
                                for frac, rate in sorted(rates.items(), reverse=True)]
+        for frac, rate in sorted(rates.items(), reverse=True):
+            self.summary.append((f"Open loop, {100 * frac:.0f}% load ({rate} req/s)",
+                                 {s.label: {"p99 ms": agg[frac][s.key]["p99"] / 1000,
+                                            "p99.9 ms": agg[frac][s.key]["p999"] / 1000} for s in systems}))
         return agg
 
     def h2front_phase(self, rounds):
@@ -1898,6 +1909,43 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
 
     # -- report
 
+    def summary_table(self, idle):
+        """One table for the whole run: canary-proxy's figure in every row
+        and measure, and its ratio to each peer's (below 1× is ahead, except
+        req/s, where above 1× is). The detailed tables follow."""
+        rows = list(self.summary)
+        if idle:
+            rows.append((f"{self.args.idle_conns} idle keep-alive connections",
+                         {s_label: {"RSS MB": r["rss"] / 1024 if r.get("rss") else float("nan")}
+                          for s_label, r in ((self.label_of(k), r) for k, r in idle.items())}))
+        peers = ["HAProxy", "NGINX", "Traefik", "Caddy"]
+
+        def num(x):
+            return f"{x:,.0f}" if x >= 1000 else f"{x:.1f}"
+        out = ["### Summary: canary-proxy against each peer", "",
+               "canary-proxy's own figure, then its ratio to each peer's (the peer's figure in brackets). "
+               "Below 1× is ahead, except req/s, where above 1× is; – where the peer is not in that row.", "",
+               "| row | measure | canary-proxy | " + " | ".join(f"× {p}" for p in peers) + " |",
+               "|---|---|---:|" + "---:|" * len(peers)]
+        for title, by_system in rows:
+            cp = by_system.get("canary-proxy")
+            if not cp:
+                continue
+            short = title.split(" (")[0].split(": ")[0] if len(title) > 60 else title
+            for measure, value in cp.items():
+                cells = []
+                for p in peers:
+                    v = by_system.get(p, {}).get(measure)
+                    cells.append(f"{value / v:.2f}× ({num(v)})" if v and v == v and value == value else "–")
+                out.append(f"| {short} | {measure} | {num(value)} | " + " | ".join(cells) + " |")
+        out.append("")
+        return "\n".join(out)
+
+    @staticmethod
+    def label_of(key):
+        return {"canary-proxy": "canary-proxy", "haproxy": "HAProxy", "nginx": "NGINX", "traefik": "Traefik",
+                "caddy": "Caddy"}.get(key, key)
+
     def goals(self, head, idle):
         if not head or "haproxy" not in head:
             return ""
@@ -1968,6 +2016,7 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
                f"header of every answer wrk read; the static-upstreams row uses two NGINX `return 200` "
                f"upstreams instead (bench/peers/nginx-static.conf)",
                f"- took {time.monotonic() - started:.0f}s", ""]
+        out.append(self.summary_table(idle))
         goals = self.goals(head, idle)
         if goals:
             out.append(goals)
