@@ -79,6 +79,7 @@ const OTHER_TOOLS: &[(&str, &str)] = &[
     ("--quick", "bench/run"),
     ("--proxy-bin", "bench/run"),
     ("--backend-bin", "bench/run"),
+    ("--latency-correction", "bench/bench.py"), // an oha flag the open-loop row passes
     ("--read-only", "docker run (scripts/check-docker-smoke)"),
     ("--cap-drop", "docker run (scripts/check-docker-smoke)"),
     ("--security-opt", "docker run (scripts/check-docker-smoke)"),
