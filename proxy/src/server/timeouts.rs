@@ -199,7 +199,7 @@ impl<T> Timed<T> {
 
     /// Whether the armed deadline has passed (registering the waker if not).
     fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let Some(t) = (&mut self.timer).as_mut().filter(|_| self.armed) else {
+        let Some(t) = self.timer.as_mut().filter(|_| self.armed) else {
             return false;
         };
         loop {
