@@ -174,6 +174,9 @@ impl Protocols {
             // The read buffer holds a request head while it arrives: its
             // cap is the head cap, and hyper answers 431 above it.
             .max_buf_size(config.max_request_head.max(8192))
+            // The cap itself, exact: the buffer's checks overshoot when the
+            // head is complete in a read that took the buffer past its cap.
+            .max_header_size(config.max_request_head)
             .timer(TokioTimer::new())
             // Header and idle deadlines are kept by `timeouts::Timed`, from a
             // request's first byte and from the last answer respectively.
