@@ -37,6 +37,9 @@ pub(crate) struct Prefixed<T> {
     /// `buf[start..end]` is yet to be read.
     start: u8,
     end: u8,
+    /// An error from the stream met while handing out the last of `buf`,
+    /// for the next read.
+    error: Option<io::Error>,
 }
 
 impl<T: AsyncRead + Unpin> Prefixed<T> {
@@ -46,6 +49,7 @@ impl<T: AsyncRead + Unpin> Prefixed<T> {
             buf: [0; H2_PREFACE.len()],
             start: 0,
             end: 0,
+            error: None,
         }
     }
 
@@ -93,11 +97,23 @@ impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
+        if let Some(e) = this.error.take() {
+            return Poll::Ready(Err(e));
+        }
         if this.start < this.end {
             let pending = &this.buf[usize::from(this.start)..usize::from(this.end)];
             let n = pending.len().min(out.remaining());
             out.put_slice(&pending[..n]);
             this.start += n as u8;
+            // The rest of the request too, if it is there: hyper sizes its
+            // read buffer (8 KiB) for one read, and after a first read of
+            // only these bytes it grows the buffer to 16 KiB for the rest,
+            // which it keeps for the connection's life.
+            if this.start == this.end && out.remaining() > 0 {
+                if let Poll::Ready(Err(e)) = Pin::new(&mut this.inner).poll_read(cx, out) {
+                    this.error = Some(e);
+                }
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut this.inner).poll_read(cx, out)
@@ -171,6 +187,21 @@ mod tests {
         let (d, replay) = detect_after(sent, true).await;
         assert_eq!(d.unwrap(), Detected::Http1);
         assert_eq!(replay, sent);
+    }
+
+    #[tokio::test]
+    async fn the_first_read_after_detection_carries_the_rest_too() {
+        // hyper keeps a read buffer sized for one read; a first read of
+        // only the detected bytes would make it grow the buffer to 16 KiB.
+        let sent = b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n";
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(sent).await.unwrap();
+        let mut p = Prefixed::new(server);
+        let detected = p.detect(Instant::now() + Duration::from_millis(200)).await;
+        assert_eq!(detected.unwrap(), Detected::Http1);
+        let mut buf = [0u8; 64];
+        let n = p.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], sent);
     }
 
     #[tokio::test]
