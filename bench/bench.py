@@ -1411,6 +1411,11 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
         threads = self.args.compare_threads
         cpus = SUT_CPUS_1 if threads == 1 else SUT_CPUS_2
         kind = self.args.compare_routing
+        tls = pem = None
+        if self.args.compare_tls and not kind:
+            # the TLS row's setup: both builds and HAProxy behind TLS listeners
+            cert, key, pem = self.tls_files()
+            tls = (cert, key)
         if kind:
             if kind == "sticky":
                 WRK_ENV["BENCH_USER_KEYS"] = "1"
@@ -1418,15 +1423,16 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
                                 label=f"canary-proxy (+{kind})")
             other_bin = f"this build with routes + {kind}"
         else:
-            other = CanaryProxy(self, threads, cpus, binary=other_bin, label="canary-proxy (compared)")
-        systems = [CanaryProxy(self, threads, cpus), other, HAProxy(self, threads, cpus)]
+            other = CanaryProxy(self, threads, cpus, tls=tls, binary=other_bin, label="canary-proxy (compared)")
+        systems = [CanaryProxy(self, threads, cpus, tls=tls), other, HAProxy(self, threads, cpus, tls_pem=pem)]
         log(f"compare: {self.proxy_bin} against {other_bin}, {threads} worker thread(s), on CPU {cpus}")
         try:
             for s in systems:
                 s.start(self.procs)
             load_before = loadavg()
             res = self.rounds(systems, rounds, self.args.duration, self.args.warmup)
-            note = (f"This build against `{other_bin}`. `wrk -t{WRK_THREADS} -c{CONNECTIONS} "
+            over = " over TLS (the TLS row's setup)" if tls else ""
+            note = (f"This build against `{other_bin}`{over}. `wrk -t{WRK_THREADS} -c{CONNECTIONS} "
                     f"-d{self.args.duration}s`, {rounds} rounds alternating, {self.args.warmup}s warm-up each; "
                     f"load average before {load_before}, after {loadavg()}.")
             return self.summarise(f"Compare: {threads} worker thread(s) each", systems, res, note)
@@ -2141,6 +2147,9 @@ def main():
                     help="only the headline setup: this build against itself with a routing table added "
                     "(sticky: [sticky] header, every request with a random x-user-id; mirror-0: [mirror] at "
                     "share 0), to measure what the table costs; writes <date>-compare.md")
+    ap.add_argument("--compare-tls", action="store_true",
+                    help="with --compare: both builds and HAProxy behind TLS listeners (the TLS row's setup), "
+                    "for a change on the TLS path")
     ap.add_argument("--compare", metavar="BIN", help="only the headline setup: this build against another "
                     "canary-proxy binary (and HAProxy), to measure one change; writes <date>-compare.md")
     args = ap.parse_args()
