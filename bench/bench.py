@@ -348,6 +348,22 @@ def haproxy_maxconn():
     return min(30000, (hard - 100) // 2)
 
 
+# The defaults section of every HAProxy configuration here: keep-alive both
+# ways, reused upstream connections, and the same headers canary-proxy adds.
+HAPROXY_DEFAULTS = """defaults
+    mode http
+    option http-keep-alive
+    # the same headers canary-proxy adds
+    option forwardfor
+    http-reuse always
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+    timeout http-request 10s
+    timeout http-keep-alive 60s
+"""
+
+
 class HAProxy(System):
     def __init__(self, bench, threads, cpus, tls_pem=None, h2=False):
         super().__init__("haproxy", "HAProxy")
@@ -371,18 +387,7 @@ class HAProxy(System):
             f.write(f"""global
     nbthread {self.threads}
     maxconn {haproxy_maxconn()}{stats}
-defaults
-    mode http
-    option http-keep-alive
-    # the same headers canary-proxy adds
-    option forwardfor
-    http-reuse always
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-    timeout http-request 10s
-    timeout http-keep-alive 60s
-frontend fe
+{HAPROXY_DEFAULTS}frontend fe
     bind {bind}
     maxconn {haproxy_maxconn()}
     http-request set-header X-Forwarded-Proto {'https' if self.tls_pem else 'http'}
@@ -448,6 +453,33 @@ def nginx_version():
     return tuple(int(x) for x in m.groups()) if m else (0, 0, 0)
 
 
+def nginx_main(workers, prefix):
+    """The top of every proxying NGINX configuration here, up to and
+    including the opening of the `http` block."""
+    return f"""daemon off;
+user root;
+worker_processes {workers};
+worker_rlimit_nofile 40000;
+pid {prefix}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 30000; }}
+http {{
+"""
+
+
+def nginx_http_common(prefix):
+    """Client keep-alive as long as any load runs, and every temporary
+    path inside the run's own directory (never NGINX's system paths)."""
+    return f"""    keepalive_timeout 60s;
+    keepalive_requests 1000000;
+    client_body_temp_path {prefix}/client_body;
+    proxy_temp_path {prefix}/proxy;
+    fastcgi_temp_path {prefix}/fastcgi;
+    uwsgi_temp_path {prefix}/uwsgi;
+    scgi_temp_path {prefix}/scgi;
+"""
+
+
 class Nginx(System):
     def __init__(self, bench, workers, cpus, h2=False):
         super().__init__("nginx", "NGINX")
@@ -494,23 +526,8 @@ class Nginx(System):
             proxy_set_header X-Forwarded-Proto $scheme;
             proxy_set_header X-Forwarded-Host $http_host;"""
         with open(cfg, "w") as f:
-            f.write(f"""daemon off;
-user root;
-worker_processes {self.workers};
-worker_rlimit_nofile 40000;
-pid {prefix}/nginx.pid;
-error_log stderr warn;
-events {{ worker_connections 30000; }}
-http {{
-    {logging}
-    keepalive_timeout 60s;
-    keepalive_requests 1000000;
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    upstream versions {{
+            f.write(f"""{nginx_main(self.workers, prefix)}    {logging}
+{nginx_http_common(prefix)}    upstream versions {{
         server {self.upstream_addrs()['v1']} weight={int(STABLE_SHARE * 100)};
         server {self.upstream_addrs()['v2']} weight={int(round((1 - STABLE_SHARE) * 100))};
         keepalive {keepalive};
@@ -598,17 +615,7 @@ class HAProxyH2Front(HAProxy):
     nbthread {self.threads}
     maxconn {haproxy_maxconn()}
     stats socket {self.stats_sock} mode 600 level user
-defaults
-    mode http
-    option http-keep-alive
-    option forwardfor
-    http-reuse always
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-    timeout http-request 10s
-    timeout http-keep-alive 60s
-frontend fe
+{HAPROXY_DEFAULTS}frontend fe
     bind 127.0.0.1:{port} proto h2
     bind 127.0.0.1:{tls_port} ssl crt {self.pem} alpn h2,http/1.1
     maxconn {haproxy_maxconn()}
@@ -649,26 +656,11 @@ class NginxH2Front(Nginx):
         self.access_log = os.path.join(prefix, "upstreams.log")
         self.log_offset, self.log_counts = 0, {"v1": 0, "v2": 0}
         with open(cfg, "w") as f:
-            f.write(f"""daemon off;
-user root;
-worker_processes {self.workers};
-worker_rlimit_nofile 40000;
-pid {prefix}/nginx.pid;
-error_log stderr warn;
-events {{ worker_connections 30000; }}
-http {{
-    # Open source NGINX has no per-upstream counter: the split is counted
+            f.write(f"""{nginx_main(self.workers, prefix)}    # Open source NGINX has no per-upstream counter: the split is counted
     # from a buffered log of the upstream each answer came from.
     log_format upstream "$upstream_addr";
     access_log {self.access_log} upstream buffer=64k flush=1s;
-    keepalive_timeout 60s;
-    keepalive_requests 1000000;
-    client_body_temp_path {prefix}/client_body;
-    proxy_temp_path {prefix}/proxy;
-    fastcgi_temp_path {prefix}/fastcgi;
-    uwsgi_temp_path {prefix}/uwsgi;
-    scgi_temp_path {prefix}/scgi;
-    upstream versions {{
+{nginx_http_common(prefix)}    upstream versions {{
         server {b.upstream_addr['v1']} weight={int(STABLE_SHARE * 100)};
         server {b.upstream_addr['v2']} weight={int(round((1 - STABLE_SHARE) * 100))};
         # HTTP/1.1 upstream: one connection per request in flight, so more
