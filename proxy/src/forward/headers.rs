@@ -35,8 +35,9 @@ use crate::snapshot::VersionRuntime;
 use crate::upstream::Protocol;
 
 /// Headers that describe one connection, not the message (RFC 9110
-/// section 7.6.1). A proxy must not forward them.
-const HOP_BY_HOP: [HeaderName; 6] = [
+/// section 7.6.1). A proxy must not forward them. A `static`: a `const`
+/// array would be built and dropped again at every use.
+static HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,
     HeaderName::from_static("proxy-connection"),
     HeaderName::from_static("keep-alive"),
@@ -51,22 +52,43 @@ pub(super) const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwa
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 pub(super) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Look before removing: most requests carry none of these, most
+    // responses only `Connection: keep-alive`, and every `remove` hashes a
+    // name. Removing all six by name on both sides was about 2,600
+    // instructions a request (callgrind), 5% of the proxy's.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     // Headers named in Connection are hop-by-hop too (RFC 9110 7.6.1).
-    if let Some(named) = headers
+    // Tokens that are hop-by-hop names already ("keep-alive", "upgrade")
+    // go with the rest below, without a lookup each.
+    let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .map(|v| v.to_str().unwrap_or("").to_owned())
-        .reduce(|a, b| a + "," + &b)
-    {
-        for name in named.split(',').map(str::trim).filter(|n| !n.is_empty()) {
-            if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-                headers.remove(name);
-            }
-        }
-    }
-    for name in &HOP_BY_HOP {
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .map(str::trim)
+        .filter(|token| !token.is_empty() && !names_hop_by_hop(token))
+        .filter_map(|token| HeaderName::from_bytes(token.as_bytes()).ok())
+        .collect();
+    for name in named {
         headers.remove(name);
     }
+    // At most six rounds, each removing one name found present.
+    while let Some(name) = headers.keys().find(|name| is_hop_by_hop(name)).cloned() {
+        headers.remove(name);
+    }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
+
+/// Whether a `Connection` token names one of HOP_BY_HOP (tokens are
+/// case-insensitive).
+fn names_hop_by_hop(token: &str) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|name| name.as_str().eq_ignore_ascii_case(token))
 }
 
 /// The client's headers as the upstream gets them: hop-by-hop ones gone
@@ -266,6 +288,42 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn every_connection_line_names_headers_and_hop_by_hop_ones_go_without_it() {
+        // Connection over two lines: both name headers to remove.
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("x-one"));
+        h.append(header::CONNECTION, HeaderValue::from_static(" , X-Two "));
+        h.insert("x-one", HeaderValue::from_static("1"));
+        h.insert("x-two", HeaderValue::from_static("2"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["x-kept"]);
+
+        // No Connection header: the hop-by-hop ones still go.
+        let mut h = HeaderMap::new();
+        h.insert("proxy-connection", HeaderValue::from_static("keep-alive"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        strip_hop_by_hop(&mut h);
+        let names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(names, ["accept"]);
+
+        // None of them: every header and every value of it stays.
+        let mut h = HeaderMap::new();
+        h.append(header::ACCEPT, HeaderValue::from_static("a/b"));
+        h.append(header::ACCEPT, HeaderValue::from_static("c/d"));
+        h.insert(header::HOST, HeaderValue::from_static("example.com"));
+        let before = h.clone();
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h, before);
     }
 
     #[test]
