@@ -17,8 +17,10 @@
 //! meanwhile, and a request that never left for a closed connection goes to
 //! another one. A sweep drops connections that have idled too long.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::future::Future;
+use std::hash::{Hash, Hasher};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -149,9 +151,40 @@ pub(crate) enum ConnectError {
 /// did not change.
 #[derive(Debug)]
 pub(crate) struct Upstreams<B: SendBody> {
-    idle: Mutex<HashMap<Authority, Vec<Idle<B>>>>,
+    idle: Mutex<HashMap<PoolKey, Vec<Idle<B>>>>,
     h2: http2::Pool<B>,
     config: UpstreamConfig,
+}
+
+/// The idle pool's key: an authority, hashed and compared by its exact
+/// text. `Authority`'s own `Hash` is case-insensitive and feeds the hasher
+/// one byte at a time: callgrind measured about 930 instructions a lookup,
+/// two lookups a request, 4% of the proxy's instructions per request. This
+/// is one write of the whole string. Two spellings that differ only in case
+/// get separate lists, which costs nothing: a version's authorities all come
+/// from one text (its `upstream`, or what discovery built from it).
+#[derive(Debug, Clone)]
+struct PoolKey(Authority);
+
+impl PartialEq for PoolKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_str() == other.0.as_str()
+    }
+}
+
+impl Eq for PoolKey {}
+
+impl Hash for PoolKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.as_str().hash(state)
+    }
+}
+
+/// Lookups by `&str`, so a checkout clones nothing.
+impl Borrow<str> for PoolKey {
+    fn borrow(&self) -> &str {
+        self.0.as_str()
+    }
 }
 
 #[derive(Debug)]
@@ -334,7 +367,7 @@ impl<B: SendBody> Upstreams<B> {
         loop {
             let idle = {
                 let mut pool = self.idle.lock().expect("upstream pool lock");
-                pool.get_mut(authority)?.pop()?
+                pool.get_mut(authority.as_str())?.pop()?
             };
             let idled = idle.since.elapsed();
             if idled > self.config.idle_timeout {
@@ -343,7 +376,7 @@ impl<B: SendBody> Upstreams<B> {
                     .idle
                     .lock()
                     .expect("upstream pool lock")
-                    .get_mut(authority)
+                    .get_mut(authority.as_str())
                 {
                     list.clear();
                 }
@@ -366,7 +399,7 @@ impl<B: SendBody> Upstreams<B> {
 
     fn checkin(&self, authority: Authority, conn: Conn<B>) {
         let mut pool = self.idle.lock().expect("upstream pool lock");
-        pool.entry(authority).or_default().push(Idle {
+        pool.entry(PoolKey(authority)).or_default().push(Idle {
             conn,
             since: Instant::now(),
         });
