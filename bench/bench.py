@@ -266,6 +266,8 @@ class System:
     # The upstream pair this system proxies to (an Upstreams); None: the
     # bench's ping-backend pair. Set by Bench.http1_systems.
     upstreams = None
+    # A command the system runs under (valgrind, in the instructions row).
+    wrap = ()
 
     def __init__(self, key, label):
         self.key = key
@@ -303,7 +305,8 @@ class CanaryProxy(System):
         if self.tls:
             tls_port = free_port()
             argv += ["--tls-listen", f"127.0.0.1:{tls_port}", "--tls-cert", self.tls[0], "--tls-key", self.tls[1]]
-        self.proc = procs.start(f"{self.key}-t{self.threads}{'-tls' if self.tls else ''}", argv, self.cpus,
+        self.proc = procs.start(f"{self.key}-t{self.threads}{'-tls' if self.tls else ''}", [*self.wrap, *argv],
+                                self.cpus,
                                 env={"RUST_LOG": "warn"})
         self.admin = f"http://127.0.0.1:{admin}"
         wait_ready(f"http://127.0.0.1:{port}/ping", procs, self.proc)
@@ -398,7 +401,7 @@ backend be
     server stable {self.upstream_addrs()['v1']} weight {int(STABLE_SHARE * 100)} maxconn 30000{proto}
     server canary {self.upstream_addrs()['v2']} weight {int(round((1 - STABLE_SHARE) * 100))} maxconn 30000{proto}
 """)
-        self.proc = procs.start(name, ["haproxy", "-db", "-f", cfg], self.cpus)
+        self.proc = procs.start(name, [*self.wrap, "haproxy", "-db", "-f", cfg], self.cpus)
         scheme = "https" if self.tls_pem else "http"
         self.url = f"{scheme}://127.0.0.1:{port}/ping"
         if self.tls_pem:
@@ -949,21 +952,28 @@ def oha_bin():
     return os.environ.get("BENCH_OHA") or shutil.which("oha") or "oha"
 
 
-def run_oha(url, rate, seconds, connections=CONNECTIONS):
-    """oha at a fixed `rate` for `seconds`, open loop, on the load core."""
-    # One tokio worker: oha has one core of its own (two threads would only
-    # take turns on it). -w lets the requests in flight at the deadline finish
-    # instead of counting them as errors; -t bounds each one, as wrk's --timeout.
-    cmd = ["taskset", "-c", LOAD_CPUS, oha_bin(), "-z", f"{seconds}s", "-q", str(rate), "--latency-correction",
-           "-c", str(connections), "-w", "-t", "2s", "--worker-threads", "1", "--no-tui",
+def oha_json(flags, url, timeout):
+    """oha with `flags` against `url`, on the load core with one worker
+    thread, and its JSON report."""
+    cmd = ["taskset", "-c", LOAD_CPUS, oha_bin(), *flags, "--worker-threads", "1", "--no-tui",
            "--output-format", "json", url]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     try:
         data = json.loads(out.stdout)
     except ValueError:
         data = None
     if out.returncode != 0 or not data:
         raise RuntimeError(f"oha failed (exit {out.returncode}) against {url}:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return data
+
+
+def run_oha(url, rate, seconds, connections=CONNECTIONS):
+    """oha at a fixed `rate` for `seconds`, open loop, on the load core."""
+    # One tokio worker: oha has one core of its own (two threads would only
+    # take turns on it). -w lets the requests in flight at the deadline finish
+    # instead of counting them as errors; -t bounds each one, as wrk's --timeout.
+    data = oha_json(["-z", f"{seconds}s", "-q", str(rate), "--latency-correction", "-c", str(connections),
+                     "-w", "-t", "2s"], url, seconds + 60)
     codes = {int(k): v for k, v in (data.get("statusCodeDistribution") or {}).items()}
     transport = dict(data.get("errorDistribution") or {})
     answered = sum(codes.values())
@@ -977,6 +987,28 @@ def run_oha(url, rate, seconds, connections=CONNECTIONS):
         "non_2xx": sum(n for c, n in codes.items() if not 200 <= c < 300),
         "transport": sum(transport.values()), "timeouts": timeouts, "transport_kinds": transport,
     }
+
+
+# Connections of the instructions row: few, so that the proxy (slowed
+# about 50x under valgrind) still sees several requests per wake-up, as it
+# does at full load.
+INSTR_CONNECTIONS = 8
+
+
+def callgrind_measured(path):
+    """The instruction count of the dump callgrind_control -d measured
+    wrote next to `path` (callgrind numbers its dumps path.1, path.2...)."""
+    for name in sorted(os.listdir(os.path.dirname(path))):
+        full = os.path.join(os.path.dirname(path), name)
+        if not name.startswith(os.path.basename(path) + "."):
+            continue
+        with open(full) as f:
+            text = f.read()
+        if "Trigger: dump measured" in text:
+            m = re.search(r"^summary: (\d+)$", text, re.M)
+            if m:
+                return int(m.group(1))
+    raise RuntimeError(f"no callgrind dump with a summary next to {path}")
 
 
 def draw_chart(path, cpu_rows, openloop):
@@ -1349,6 +1381,69 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
             for name in ("upstream-static-v1", "upstream-static-v2"):
                 for p in [p for p in self.procs.live if p.bench_name == name]:
                     self.procs.stop(p)
+
+    def instructions_phase(self, requests, other_bin=None):
+        """User-space instructions per request, counted by callgrind, on the
+        static upstreams: canary-proxy (and with --compare the other build)
+        against HAProxy. Unlike CPU time, an instruction count does not move
+        with the host's load (repeat runs agree within 0.5%), so this row
+        can resolve a change of a few percent that the timed rows cannot.
+        It leaves out the kernel's share, most of a request's CPU here, and
+        what a cache miss or a branch costs: it ranks user-space work, not
+        speed."""
+        static = self.start_static_upstreams()
+        warmup = max(requests // 10, 100)
+        systems = [CanaryProxy(self, 1, SUT_CPUS_1, routes=static.routes_file)]
+        if other_bin:
+            systems.append(CanaryProxy(self, 1, SUT_CPUS_1, routes=static.routes_file, binary=other_bin,
+                                       label="canary-proxy (compared)"))
+        systems.append(HAProxy(self, 1, SUT_CPUS_1))
+        rows = []
+        try:
+            for i, s in enumerate(systems):
+                s.upstreams = static
+                out = os.path.join(self.workdir, f"callgrind-{i}.out")
+                s.wrap = ("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}")
+                s.start(self.procs)
+                # Warm: connections to the upstreams open, buffers and the
+                # allocator at their steady size; then count from zero.
+                self.oha_count(s.url, warmup)
+                subprocess.run(["callgrind_control", "-z", str(s.proc.pid)], check=True, capture_output=True)
+                answered = self.oha_count(s.url, requests)
+                subprocess.run(["callgrind_control", "-d", "measured", str(s.proc.pid)], check=True,
+                               capture_output=True)
+                count = callgrind_measured(out)
+                self.procs.stop(s.proc)
+                if answered != requests:
+                    self.failures.append(f"instructions row: {s.label} answered {answered} of {requests} "
+                                         f"with 200")
+                rows.append((s.label, count / answered if answered else float("nan")))
+                log(f"instructions: {s.label}: {count} over {answered} requests")
+        finally:
+            for s in systems:
+                if s.proc:
+                    self.procs.stop(s.proc)
+            for name in ("upstream-static-v1", "upstream-static-v2"):
+                for p in [p for p in self.procs.live if p.bench_name == name]:
+                    self.procs.stop(p)
+        base = rows[-1][1]
+        lines = ["### Instructions per request (callgrind, static upstreams)", "",
+                 f"`valgrind --tool=callgrind`, one worker thread each; {warmup} requests to warm up, then "
+                 f"the counters are zeroed and {requests} requests are counted, from oha `-n {requests} "
+                 f"-c {INSTR_CONNECTIONS}` over keep-alive, 90/10 to the static NGINX upstreams. User space "
+                 f"only (the process and its libraries); the kernel's part of each request is not in it.", "",
+                 "| system | instructions per request | vs HAProxy |", "|---|---|---|"]
+        for label, per in rows:
+            lines.append(f"| {label} | {per:,.0f} | {per / base:.2f}× |")
+        self.sections.append("\n".join(lines) + "\n")
+        self.summary.append(("Instructions per request (callgrind)",
+                             {label: {"instructions": per} for label, per in rows}))
+        return rows
+
+    def oha_count(self, url, n):
+        """Answers with status 200 to `n` requests from oha, closed loop."""
+        data = oha_json(["-n", str(n), "-c", str(INSTR_CONNECTIONS)], url, 600)
+        return int((data.get("statusCodeDistribution") or {}).get("200", 0))
 
     def peer_ratios(self, agg):
         """canary-proxy's CPU per request and req/s as a ratio to each peer's
@@ -2002,7 +2097,8 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
         mode = "quick smoke run (not a measurement)" if self.quick else "full run"
         if self.args.only:
             mode = {"h2": "HTTP/2 row only", "h2front": "HTTP/2 front-door row only",
-                    "openloop": "headline and open-loop rows only"}[self.args.only] + ", " + mode
+                    "openloop": "headline and open-loop rows only",
+                    "instructions": "instructions row only"}[self.args.only] + ", " + mode
         out = [f"# canary-proxy benchmark, {date} ({mode})", "",
                f"- commit {v['commit']}, canary-proxy and ping-backend built with the `{v['build']}` profile",
                f"- binaries: `{self.proxy_bin}`, `{self.backend_bin}`",
@@ -2031,6 +2127,10 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
             self.start_upstreams()
             if a.compare or a.compare_routing:
                 self.compare_phase(a.compare, a.rounds)
+                if a.compare and not a.compare_routing and a.instructions_requests:
+                    self.instructions_phase(a.instructions_requests, other_bin=a.compare)
+            elif a.only == "instructions":
+                self.instructions_phase(a.instructions_requests)
             elif a.only == "h2":
                 self.h2_phase(a.h2_rounds)
                 self.loads.append(("after HTTP/2 row", loadavg()))
@@ -2051,6 +2151,8 @@ weight = {int(round((1 - STABLE_SHARE) * 100))}
                 if a.static_rounds:
                     self.static_phase(a.static_rounds)
                     self.loads.append(("after static upstreams", loadavg()))
+                if a.instructions_requests:
+                    self.instructions_phase(a.instructions_requests)
                 if not a.quick:
                     self.throughput_phase(2, include_direct=False, rounds=a.rounds2)
                     self.loads.append(("after two-thread figure", loadavg()))
@@ -2125,10 +2227,15 @@ def main():
                     "(bench/peers/nginx-static.conf) instead of ping-backend; 0 skips it")
     ap.add_argument("--tls-rounds", type=int, help="rounds of the TLS row (canary-proxy, HAProxy, Traefik, Caddy)")
     ap.add_argument("--h2-rounds", type=int, help="rounds of the HTTP/2 (gRPC-shaped, h2load) row")
-    ap.add_argument("--only", choices=("h2", "h2front", "openloop"),
+    ap.add_argument("--only", choices=("h2", "h2front", "openloop", "instructions"),
                     help="run one row alone: h2 = HTTP/2 end to end (gRPC-shaped, h2load); h2front = HTTP/2 on the "
                     "front door only (h2c and h2 over TLS, HTTP/1.1 upstream); openloop = open-loop latency at fixed "
-                    "rates (oha), after the headline row its rates derive from; writes <date>-<row>.md")
+                    "rates (oha), after the headline row its rates derive from; instructions = user-space "
+                    "instructions per request under callgrind, which a noisy host does not move; writes "
+                    "<date>-<row>.md")
+    ap.add_argument("--instructions-requests", type=int,
+                    help="requests counted under callgrind in the instructions row (also run by --compare BIN); "
+                    "0 skips it")
     ap.add_argument("--openloop-rounds", type=int, help="rounds of the open-loop (oha) row, per rate")
     ap.add_argument("--h2front-rounds", type=int, help="rounds of each half of the HTTP/2 front-door row")
     ap.add_argument("--idle-conns", type=int)
@@ -2143,7 +2250,8 @@ def main():
                     help="with --compare: both builds and HAProxy behind TLS listeners (the TLS row's setup), "
                     "for a change on the TLS path")
     ap.add_argument("--compare", metavar="BIN", help="only the headline setup: this build against another "
-                    "canary-proxy binary (and HAProxy), to measure one change; writes <date>-compare.md")
+                    "canary-proxy binary (and HAProxy), to measure one change, then the instructions row for both; "
+                    "writes <date>-compare.md")
     args = ap.parse_args()
     defaults = (dict(duration=2, warmup=1, rounds=2, rounds2=0, static_rounds=1, tls_rounds=1, h2_rounds=1,
                      idle_conns=1000, idle_hold=2.0)
@@ -2154,7 +2262,8 @@ def main():
         if getattr(args, k) is None:
             setattr(args, k, v)
     # the rows of issue 20 (open loop, HTTP/2 front door)
-    more = dict(openloop_rounds=1, h2front_rounds=1) if args.quick else dict(openloop_rounds=3, h2front_rounds=3)
+    more = (dict(openloop_rounds=1, h2front_rounds=1, instructions_requests=300) if args.quick else
+            dict(openloop_rounds=3, h2front_rounds=3, instructions_requests=20000))
     for k, v in more.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
