@@ -36,7 +36,7 @@ use hyper::client::conn::http2;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use super::lent::{Lender, Lent};
-use super::{connect_tcp, ConnectError, SendBody, SendError, UpstreamConfig};
+use super::{connect_tcp, ConnectError, PoolKey, SendBody, SendError, UpstreamConfig};
 
 /// Connections per upstream and event loop. Streams, not connections, carry
 /// the load; a second connection only helps when the upstream caps its
@@ -120,7 +120,8 @@ type Gate = tokio::sync::Mutex<Option<(Instant, String)>>;
 
 /// The HTTP/2 connections of every upstream of one event loop.
 pub(crate) struct Pool<B> {
-    conns: Mutex<HashMap<Authority, Vec<Conn<B>>>>,
+    /// By the authority's text (see [`PoolKey`]): looked up on every request.
+    conns: Mutex<HashMap<PoolKey, Vec<Conn<B>>>>,
     /// Per upstream, the turn to open a connection, with the last failed
     /// attempt's time and error (see [`Pool::open`]).
     gates: Mutex<HashMap<Authority, Arc<Gate>>>,
@@ -238,7 +239,7 @@ impl<B: SendBody> Pool<B> {
     /// least loaded (the request waits there for a stream).
     fn pick(&self, authority: &Authority) -> Option<Conn<B>> {
         let mut conns = self.conns.lock().expect("http2 pool lock");
-        let list = conns.get_mut(authority)?;
+        let list = conns.get_mut(authority.as_str())?;
         list.retain(|c| self.usable(c));
         let least = list.iter().min_by_key(|c| c.load())?;
         if least.has_room() || list.len() >= MAX_CONNECTIONS {
@@ -334,7 +335,7 @@ impl<B: SendBody> Pool<B> {
         self.conns
             .lock()
             .expect("http2 pool lock")
-            .entry(authority.clone())
+            .entry(PoolKey(authority.clone()))
             .or_default()
             .push(conn.clone());
         Ok(conn)
@@ -361,6 +362,6 @@ impl<B: SendBody> Pool<B> {
         self.gates
             .lock()
             .expect("http2 gate lock")
-            .retain(|a, gate| Arc::strong_count(gate) > 1 || conns.contains_key(a));
+            .retain(|a, gate| Arc::strong_count(gate) > 1 || conns.contains_key(a.as_str()));
     }
 }

@@ -156,15 +156,16 @@ pub(crate) struct Upstreams<B: SendBody> {
     config: UpstreamConfig,
 }
 
-/// The idle pool's key: an authority, hashed and compared by its exact
-/// text. `Authority`'s own `Hash` is case-insensitive and feeds the hasher
-/// one byte at a time: callgrind measured about 930 instructions a lookup,
-/// two lookups a request, 4% of the proxy's instructions per request. This
-/// is one write of the whole string. Two spellings that differ only in case
-/// get separate lists, which costs nothing: a version's authorities all come
-/// from one text (its `upstream`, or what discovery built from it).
+/// The key of both pools (this HTTP/1.1 one and HTTP/2's): an authority,
+/// hashed and compared by its exact text. `Authority`'s own `Hash` is
+/// case-insensitive and feeds the hasher one byte at a time: callgrind
+/// measured about 930 instructions a lookup, two lookups an HTTP/1.1
+/// request, 4% of the proxy's instructions per request. This is one write
+/// of the whole string. Two spellings that differ only in case get separate
+/// lists, which costs nothing: a version's authorities all come from one
+/// text (its `upstream`, or what discovery built from it).
 #[derive(Debug, Clone)]
-struct PoolKey(Authority);
+pub(super) struct PoolKey(pub(super) Authority);
 
 impl PartialEq for PoolKey {
     fn eq(&self, other: &Self) -> bool {
