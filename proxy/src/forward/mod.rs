@@ -509,15 +509,21 @@ impl Forwarder {
                 }
             };
             // No limit is a deadline that never comes: one path for both.
-            let exchange = self.upstreams.send(
-                &lease.endpoint.authority,
-                attempt.protocol,
-                plan.request,
-                &attempt.metrics.upstream_connections,
-                plan.upgrade.is_some(),
-                plan.replayable,
-            );
-            let outcome = match tokio::time::timeout(limit, exchange).await {
+            // Pinned where it is made, so that `timeout` and its `.await`
+            // move a reference rather than the whole exchange future (two
+            // copies of it per request otherwise, by callgrind).
+            let answered = {
+                let exchange = std::pin::pin!(self.upstreams.send(
+                    &lease.endpoint.authority,
+                    attempt.protocol,
+                    plan.request,
+                    &attempt.metrics.upstream_connections,
+                    plan.upgrade.is_some(),
+                    plan.replayable,
+                ));
+                tokio::time::timeout(limit, exchange).await
+            };
+            let outcome = match answered {
                 // Dropping the response closes that upstream connection,
                 // which hyper has already given up on after a 101.
                 Ok(Ok(resp))
